@@ -1,0 +1,55 @@
+# bpfpoly — the two newcomer commands are `make run` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+RUN_DIR := $(CURDIR)/.run
+KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
+
+.PHONY: all deps build ebpf crds crds-check lint unit cluster-up cluster-down api-test test run stop e2e bench chart-test clean
+
+all: build
+
+## deps: install the apt packages, Python wheels and caches the project needs (idempotent)
+deps:
+	bash e2e/install-deps.sh
+
+## ebpf: build the C eBPF objects into ebpf/build/*.o
+ebpf:
+	$(MAKE) -C ebpf
+
+## build: the eBPF objects and the Rust workspace
+build: ebpf
+	$(CARGO) build --workspace --release
+
+## crds: regenerate the CRD YAML (crds/ and charts/bpfpoly/crds/)
+crds:
+	$(CARGO) run -q -p bpfpoly-operator -- crdgen > crds/bpfpoly.io_crds.yaml
+	cp crds/bpfpoly.io_crds.yaml charts/bpfpoly/crds/bpfpoly.io_crds.yaml
+
+## lint: rustfmt and clippy with -D warnings
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## unit: unit and property tests (no cluster needed)
+unit: ebpf
+	$(CARGO) test --workspace
+
+## cluster-up / cluster-down: the local etcd + kube-apiserver (Kubernetes 1.20 built from Debian's source)
+cluster-up:
+	bash e2e/cluster.sh up
+
+cluster-down:
+	bash e2e/cluster.sh down
+
+## api-test: tests against the real API server (starts the local one when KUBECONFIG is unset)
+api-test: cluster-up
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/api-test.sh
+
+## test: everything; what CI runs
+test: deps lint unit api-test
+
+clean:
+	rm -rf target ebpf/build

@@ -1,0 +1,193 @@
+//! `BpfNodeState`: what the operator asks one node to run (spec) and what the agent reports
+//! it runs (status).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::program::{ConfigType, Dispatch, FallbackPolicy, Variant};
+
+/// Assignments for one node (name = node name).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "bpfpoly.io",
+    version = "v1alpha1",
+    kind = "BpfNodeState",
+    shortname = "bns",
+    category = "bpfpoly",
+    doc = "Per-node assignments (spec, by the operator) and what the node agent runs (status).",
+    status = "BpfNodeStateStatus",
+    printcolumn = r#"{"name":"Programs","type":"integer","jsonPath":".status.summary.programs"}"#,
+    printcolumn = r#"{"name":"Loaded","type":"integer","jsonPath":".status.summary.loaded"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.summary.degraded"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfNodeStateSpec {
+    /// Programs assigned to this node, written by the operator.
+    #[serde(default)]
+    pub programs: Vec<ProgramAssignment>,
+}
+
+/// One program assigned to a node: the candidates in order and the resolved config.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgramAssignment {
+    /// BpfPolyProgram name.
+    pub name: String,
+    /// BpfPolyProgram generation this assignment was computed from.
+    pub generation: i64,
+    /// Eligible variants in the order the agent tries them.
+    pub candidates: Vec<Variant>,
+    /// Config values to write into `.rodata`, after node-level fallback.
+    #[serde(default)]
+    pub config: Vec<ResolvedConfig>,
+    /// The dispatch table, if the program has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<Dispatch>,
+    /// Degradation policy.
+    #[serde(default)]
+    pub fallback: FallbackPolicy,
+}
+
+/// A config global resolved for one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedConfig {
+    /// Global name.
+    pub name: String,
+    /// Declared type.
+    #[serde(rename = "type")]
+    pub type_: ConfigType,
+    /// The value to write.
+    pub value: String,
+    /// True when the fallback value was chosen.
+    #[serde(default)]
+    pub fell_back: bool,
+    /// Why the fallback was chosen (the requirement and the node's fact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What the agent runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BpfNodeStateStatus {
+    /// One entry per assigned (or still unloading) program.
+    #[serde(default)]
+    pub programs: Vec<ProgramStatus>,
+    /// Counts for the printer columns.
+    #[serde(default)]
+    pub summary: StateSummary,
+}
+
+/// Counts of programs by phase on one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct StateSummary {
+    /// Programs reported.
+    pub programs: u32,
+    /// Loaded as intended.
+    pub loaded: u32,
+    /// Loaded after a fallback.
+    pub degraded: u32,
+    /// Failed to load.
+    pub failed: u32,
+}
+
+/// Lifecycle phase of a program on a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Phase {
+    /// Not yet handled.
+    #[default]
+    Pending,
+    /// Being loaded.
+    Loading,
+    /// Running as intended (first candidate, every handler, no config fallback).
+    Loaded,
+    /// Running after a fallback.
+    Degraded,
+    /// Could not be loaded.
+    Failed,
+    /// Removed from the node.
+    Unloaded,
+}
+
+/// Per-program status on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgramStatus {
+    /// BpfPolyProgram name.
+    pub name: String,
+    /// Assignment generation this status reflects.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: Phase,
+    /// Variant running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// Dispatch mechanism in use: static, tailCall or freplace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<String>,
+    /// State of each dispatch slot.
+    #[serde(default)]
+    pub handlers: Vec<HandlerState>,
+    /// Degradations on the way to the running variant.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub fallbacks: Vec<FallbackRecord>,
+    /// Kernel program ids of the running programs.
+    #[serde(default)]
+    pub program_ids: Vec<u32>,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the phase last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+/// A dispatch slot on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct HandlerState {
+    /// Dispatch key.
+    pub key: u32,
+    /// Handler program.
+    pub handler: String,
+    /// `Loaded`, or `Empty` when its keys take the default path.
+    pub state: String,
+    /// Why the slot is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Stage at which a candidate failed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FallbackStage {
+    /// The verifier rejected the program.
+    Verify,
+    /// The program loaded but could not attach.
+    Attach,
+    /// A dispatch handler was rejected.
+    Handler,
+}
+
+/// One degradation step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackRecord {
+    /// Variant (or handler) that failed.
+    pub from: String,
+    /// What was tried next (variant name, `default-path`, or `none`).
+    pub to: String,
+    /// Where it failed.
+    pub stage: FallbackStage,
+    /// The error.
+    pub reason: String,
+    /// Tail of the verifier log (bounded, at most 4 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub verifier_log: Option<String>,
+}
