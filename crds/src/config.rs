@@ -122,9 +122,15 @@ mod tests {
 
     #[test]
     fn parses_in_range_values() {
-        assert_eq!(ConfigType::Bool.parse_value("true"), Ok(ConfigValue::Bool(true)));
+        assert_eq!(
+            ConfigType::Bool.parse_value("true"),
+            Ok(ConfigValue::Bool(true))
+        );
         assert_eq!(ConfigType::U8.parse_value("255"), Ok(ConfigValue::U8(255)));
-        assert_eq!(ConfigType::U16.parse_value("0xffff"), Ok(ConfigValue::U16(65535)));
+        assert_eq!(
+            ConfigType::U16.parse_value("0xffff"),
+            Ok(ConfigValue::U16(65535))
+        );
         assert_eq!(ConfigType::I32.parse_value("-5"), Ok(ConfigValue::I32(-5)));
         assert_eq!(
             ConfigType::I64.parse_value("-9223372036854775808"),
@@ -138,7 +144,10 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_and_garbage() {
-        assert!(ConfigType::U8.parse_value("300").unwrap_err().contains("out of range"));
+        assert!(ConfigType::U8
+            .parse_value("300")
+            .unwrap_err()
+            .contains("out of range"));
         assert!(ConfigType::U8.parse_value("-1").is_err());
         assert!(ConfigType::Bool.parse_value("yes").is_err());
         assert!(ConfigType::U32.parse_value("").is_err());

@@ -35,7 +35,10 @@ pub fn check_stream(text: &str) -> Vec<DocumentReport> {
             object: "?".into(),
             errors: vec![err(
                 "",
-                format!("input is {} bytes; the limit is {MAX_DOCUMENT_BYTES}", text.len()),
+                format!(
+                    "input is {} bytes; the limit is {MAX_DOCUMENT_BYTES}",
+                    text.len()
+                ),
             )],
         }];
     }
@@ -68,9 +71,15 @@ pub fn check_value(index: usize, value: serde_json::Value) -> DocumentReport {
         .unwrap_or("?");
     let object = format!("{}/{}", if kind.is_empty() { "?" } else { kind }, name);
     let mut errors = Vec::new();
-    let api = value.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+    let api = value
+        .get("apiVersion")
+        .and_then(|a| a.as_str())
+        .unwrap_or("");
     if api != "bpfpoly.io/v1alpha1" {
-        errors.push(err("apiVersion", format!("{api:?} must be \"bpfpoly.io/v1alpha1\"")));
+        errors.push(err(
+            "apiVersion",
+            format!("{api:?} must be \"bpfpoly.io/v1alpha1\""),
+        ));
     }
     if kind != "BpfPolyProgram" {
         errors.push(err("kind", format!("{kind:?} must be \"BpfPolyProgram\"")));
@@ -81,8 +90,8 @@ pub fn check_value(index: usize, value: serde_json::Value) -> DocumentReport {
         };
     }
     let mut unknown = Vec::new();
-    let typed: Result<BpfPolyProgram, _> =
-        serde_path_to_error::deserialize(&value).map_err(|e| (e.path().to_string(), e.into_inner().to_string()));
+    let typed: Result<BpfPolyProgram, _> = serde_path_to_error::deserialize(&value)
+        .map_err(|e| (e.path().to_string(), e.into_inner().to_string()));
     match typed {
         Err((path, msg)) => errors.push(err(&path, msg)),
         Ok(program) => {
@@ -91,7 +100,10 @@ pub fn check_value(index: usize, value: serde_json::Value) -> DocumentReport {
             });
             for p in unknown {
                 let envelope = ["apiVersion", "kind", "status"];
-                if !envelope.contains(&p.as_str()) && !p.starts_with("status.") && !p.starts_with("metadata.") {
+                if !envelope.contains(&p.as_str())
+                    && !p.starts_with("status.")
+                    && !p.starts_with("metadata.")
+                {
                     errors.push(err(&p, "unknown field"));
                 }
             }

@@ -23,10 +23,15 @@ pub const GROUP: &str = "bpfpoly.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// The CustomResourceDefinitions of the API, in a stable order.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds(
+) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    let mut out = vec![BpfPolyProgram::crd(), BpfNodeProfile::crd(), BpfNodeState::crd()];
+    let mut out = vec![
+        BpfPolyProgram::crd(),
+        BpfNodeProfile::crd(),
+        BpfNodeState::crd(),
+    ];
     for crd in &mut out {
         for version in &mut crd.spec.versions {
             if let Some(schema) = version
@@ -49,7 +54,12 @@ fn unwrap_descriptions(
     if let Some(d) = schema.description.as_mut() {
         *d = d
             .split("\n\n")
-            .map(|para| para.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+            .map(|para| {
+                para.split('\n')
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .collect::<Vec<_>>()
             .join("\n\n");
     }

@@ -60,7 +60,10 @@ pub struct BpfPolyProgramSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Variant {
     /// Unique name of the variant within the program, e.g. `tp-btf`.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Where the eBPF object of this variant comes from: exactly one of builtin, configMap or path.
     pub bytecode: Bytecode,
@@ -119,7 +122,10 @@ pub struct ConfigMapBytecode {
 #[serde(rename_all = "camelCase")]
 pub struct ProgramRef {
     /// C function name of the program in the object.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub name: String,
     /// Attach point; exactly one kind. Omitted for dispatch handlers, which are reached
     /// through the dispatch table rather than attached.
@@ -161,7 +167,10 @@ pub struct Attach {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct NamedTarget {
     /// Name of the tracepoint.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub name: String,
 }
 
@@ -169,10 +178,16 @@ pub struct NamedTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct TracepointTarget {
     /// Tracepoint category (subsystem), e.g. `sched`.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub category: String,
     /// Tracepoint name, e.g. `sched_process_exec`.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub name: String,
 }
 
@@ -180,7 +195,10 @@ pub struct TracepointTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct KprobeTarget {
     /// Kernel function to probe.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_.]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    )]
     pub function: String,
     /// Byte offset into the function.
     #[serde(default)]
@@ -192,7 +210,10 @@ pub struct KprobeTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct FunctionTarget {
     /// Kernel function (a BTF FUNC).
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub function: String,
 }
 
@@ -294,7 +315,10 @@ impl Requirements {
 #[serde(rename_all = "camelCase")]
 pub struct ConfigField {
     /// Name of the global in the object's `.rodata`.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub name: String,
     /// Scalar type; checked against the object's BTF before load.
     #[serde(rename = "type")]
@@ -337,14 +361,20 @@ pub enum ConfigType {
 #[serde(rename_all = "camelCase")]
 pub struct Dispatch {
     /// The entry program (C function name) that parses the event and dispatches by key.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub entry: String,
     /// `auto` picks freplace where the kernel loads it, else tail calls.
     #[serde(default)]
     pub mechanism: DispatchMechanism,
     /// The PROG_ARRAY map used for tail calls.
     #[serde(default = "default_jump_table")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub table: String,
     /// Key to handler program. Keys without a loaded handler take the default path.
     #[schemars(length(max = 256))]
@@ -377,7 +407,10 @@ pub struct DispatchSlot {
     #[schemars(range(min = 0, max = 255))]
     pub key: u32,
     /// Handler program (C function name); must be a program of every dispatching variant.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub handler: String,
 }
 

@@ -151,9 +151,7 @@ impl KernelRequirement {
             ]
             .iter()
             .find_map(|(p, op)| part.strip_prefix(p).map(|r| (*op, r)))
-            .ok_or_else(|| {
-                format!("{part:?} has no comparator; use one of >=, >, <=, <, =, !=")
-            })?;
+            .ok_or_else(|| format!("{part:?} has no comparator; use one of >=, >, <=, <, =, !="))?;
             comparators.push((op, KernelVersion::parse_strict(rest)?));
         }
         Ok(KernelRequirement { comparators })
@@ -391,9 +389,9 @@ impl Query {
             "enum" => parse_enum_value(rest).map(Query::Enum),
             "func" => parse_function(rest).map(Query::Func),
             "helper" => {
-                let (pt, h) = rest.split_once(':').ok_or_else(|| {
-                    format!("{s:?}: expected helper:PROGRAM_TYPE:HELPER")
-                })?;
+                let (pt, h) = rest
+                    .split_once(':')
+                    .ok_or_else(|| format!("{s:?}: expected helper:PROGRAM_TYPE:HELPER"))?;
                 Ok(Query::Helper {
                     program_type: parse_program_type(pt)?.to_string(),
                     helper: parse_helper(h)?.to_string(),
@@ -420,13 +418,22 @@ mod tests {
 
     #[test]
     fn parses_real_release_strings() {
-        assert_eq!(KernelVersion::from_release("6.1.0-54-cloud-amd64"), Ok(v(6, 1, 0)));
-        assert_eq!(KernelVersion::from_release("5.15.0-1051-azure"), Ok(v(5, 15, 0)));
+        assert_eq!(
+            KernelVersion::from_release("6.1.0-54-cloud-amd64"),
+            Ok(v(6, 1, 0))
+        );
+        assert_eq!(
+            KernelVersion::from_release("5.15.0-1051-azure"),
+            Ok(v(5, 15, 0))
+        );
         assert_eq!(
             KernelVersion::from_release("4.18.0-513.el8.x86_64"),
             Ok(v(4, 18, 0))
         );
-        assert_eq!(KernelVersion::from_release("6.18.44-fc-v669"), Ok(v(6, 18, 44)));
+        assert_eq!(
+            KernelVersion::from_release("6.18.44-fc-v669"),
+            Ok(v(6, 18, 44))
+        );
         assert_eq!(KernelVersion::from_release("5.4"), Ok(v(5, 4, 0)));
         assert!(KernelVersion::from_release("linux").is_err());
         assert!(KernelVersion::from_release("6").is_err());
@@ -445,12 +452,17 @@ mod tests {
         assert!(KernelRequirement::parse(">=5").is_err());
         assert!(KernelRequirement::parse(">=5.4,").is_err());
         assert!(KernelRequirement::parse("~5.4").is_err());
-        assert!(KernelRequirement::parse("!=6.1.0").unwrap().matches(v(6, 1, 1)));
+        assert!(KernelRequirement::parse("!=6.1.0")
+            .unwrap()
+            .matches(v(6, 1, 1)));
     }
 
     #[test]
     fn btf_fact_syntax() {
-        assert_eq!(parse_type("struct  task_struct").unwrap(), "struct task_struct");
+        assert_eq!(
+            parse_type("struct  task_struct").unwrap(),
+            "struct task_struct"
+        );
         assert!(parse_type("task_struct").is_err());
         assert!(parse_type("class foo").is_err());
         assert_eq!(
@@ -463,7 +475,10 @@ mod tests {
         assert!(parse_enum_value("struct x.y").is_err());
         assert!(parse_program_type("xdp").is_ok());
         assert!(parse_program_type("xdpp").unwrap_err().contains("known"));
-        assert_eq!(parse_helper("ringbuf_output").unwrap(), "bpf_ringbuf_output");
+        assert_eq!(
+            parse_helper("ringbuf_output").unwrap(),
+            "bpf_ringbuf_output"
+        );
         assert!(parse_helper("bpf_nope").is_err());
         assert_eq!(helper_id("bpf_ringbuf_output"), Some(130));
     }

@@ -137,7 +137,10 @@ impl Decision {
     pub fn explain(&self) -> String {
         let mut s = String::new();
         if !self.pending.is_empty() {
-            s.push_str(&format!("pending: waiting for {}\n", self.pending.join(", ")));
+            s.push_str(&format!(
+                "pending: waiting for {}\n",
+                self.pending.join(", ")
+            ));
         }
         for e in &self.eligible {
             let why: Vec<String> = e.trace.iter().map(|c| c.to_string()).collect();
@@ -153,9 +156,10 @@ impl Decision {
         }
         for c in &self.config {
             match (&c.reason, c.fell_back) {
-                (Some(r), true) => {
-                    s.push_str(&format!("config {} = {} (fallback: {})\n", c.name, c.value, r))
-                }
+                (Some(r), true) => s.push_str(&format!(
+                    "config {} = {} (fallback: {})\n",
+                    c.name, c.value, r
+                )),
                 _ => s.push_str(&format!("config {} = {}\n", c.name, c.value)),
             }
         }
@@ -197,14 +201,27 @@ pub fn variant_program_types(v: &Variant) -> BTreeSet<&'static str> {
 }
 
 fn all_program_types(spec: &BpfPolyProgramSpec) -> BTreeSet<&'static str> {
-    spec.variants.iter().flat_map(variant_program_types).collect()
+    spec.variants
+        .iter()
+        .flat_map(variant_program_types)
+        .collect()
 }
 
 /// The queries a requirement set needs answered, for the given program types.
 fn requirement_queries(r: &Requirements, prog_types: &BTreeSet<&'static str>) -> Vec<Query> {
     let mut q = Vec::new();
-    q.extend(r.types.iter().filter_map(|t| parse_type(t).ok()).map(Query::Type));
-    q.extend(r.fields.iter().filter_map(|t| parse_field(t).ok()).map(Query::Field));
+    q.extend(
+        r.types
+            .iter()
+            .filter_map(|t| parse_type(t).ok())
+            .map(Query::Type),
+    );
+    q.extend(
+        r.fields
+            .iter()
+            .filter_map(|t| parse_field(t).ok())
+            .map(Query::Field),
+    );
     q.extend(
         r.enum_values
             .iter()
@@ -281,7 +298,10 @@ fn evaluate(r: &Requirements, prog_types: &BTreeSet<&'static str>, facts: &NodeF
         let (holds, fact) = match (&req, facts.kernel) {
             (Ok(req), Some(v)) => (req.matches(v), format!("kernel is {v} ({})", facts.release)),
             (Err(e), _) => (false, format!("invalid requirement: {e}")),
-            (_, None) => (false, format!("kernel release {:?} is not parsable", facts.release)),
+            (_, None) => (
+                false,
+                format!("kernel release {:?} is not parsable", facts.release),
+            ),
         };
         checks.push(Check {
             requirement: format!("kernel {k}"),

@@ -58,7 +58,9 @@ fn is_c_ident(s: &str) -> bool {
 }
 
 fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn is_ifname(s: &str) -> bool {
@@ -66,7 +68,9 @@ fn is_ifname(s: &str) -> bool {
         && s.len() < 16
         && s != "."
         && s != ".."
-        && !s.bytes().any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+        && !s
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
 }
 
 /// Validates a whole object: its name and its spec.
@@ -103,7 +107,10 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
         if !is_dns_label(&v.name) {
             p.add(
                 format!("{path}.name"),
-                format!("{:?} must be a DNS label (lowercase letters, digits, '-')", v.name),
+                format!(
+                    "{:?} must be a DNS label (lowercase letters, digits, '-')",
+                    v.name
+                ),
             );
         }
         if let Some(first) = names.insert(v.name.as_str(), i) {
@@ -114,7 +121,10 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
         }
         check_bytecode(&mut p, &format!("{path}.bytecode"), &v.bytecode);
         if v.programs.is_empty() {
-            p.add(format!("{path}.programs"), "at least one program is required");
+            p.add(
+                format!("{path}.programs"),
+                "at least one program is required",
+            );
         }
         let mut progs = BTreeMap::new();
         for (j, prog) in v.programs.iter().enumerate() {
@@ -154,10 +164,16 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
 
     if let Some(d) = &spec.dispatch {
         if !is_c_ident(&d.entry) {
-            p.add("spec.dispatch.entry", format!("{:?} is not a C function name", d.entry));
+            p.add(
+                "spec.dispatch.entry",
+                format!("{:?} is not a C function name", d.entry),
+            );
         }
         if !is_c_ident(&d.table) {
-            p.add("spec.dispatch.table", format!("{:?} is not a map name", d.table));
+            p.add(
+                "spec.dispatch.table",
+                format!("{:?} is not a map name", d.table),
+            );
         }
         let dispatching: Vec<_> = spec
             .variants
@@ -183,13 +199,19 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
             }
         }
         if d.slots.len() > 256 {
-            p.add("spec.dispatch.slots", format!("{} slots; at most 256", d.slots.len()));
+            p.add(
+                "spec.dispatch.slots",
+                format!("{} slots; at most 256", d.slots.len()),
+            );
         }
         let mut keys = BTreeMap::new();
         for (i, slot) in d.slots.iter().enumerate() {
             let spath = format!("spec.dispatch.slots[{i}]");
             if slot.key > 255 {
-                p.add(format!("{spath}.key"), format!("{} is out of range 0..=255", slot.key));
+                p.add(
+                    format!("{spath}.key"),
+                    format!("{} is out of range 0..=255", slot.key),
+                );
             }
             if let Some(first) = keys.insert(slot.key, i) {
                 p.add(
@@ -221,7 +243,10 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
     for (i, c) in spec.config.iter().enumerate() {
         let path = format!("spec.config[{i}]");
         if !is_c_ident(&c.name) {
-            p.add(format!("{path}.name"), format!("{:?} is not a C identifier", c.name));
+            p.add(
+                format!("{path}.name"),
+                format!("{:?} is not a C identifier", c.name),
+            );
         }
         if let Some(first) = cfg_names.insert(c.name.as_str(), i) {
             p.add(
@@ -281,10 +306,14 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
 }
 
 fn check_bytecode(p: &mut Problems, path: &str, b: &Bytecode) {
-    let set = [b.builtin.is_some(), b.config_map.is_some(), b.path.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let set = [
+        b.builtin.is_some(),
+        b.config_map.is_some(),
+        b.path.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if set != 1 {
         p.add(
             path,
@@ -305,8 +334,15 @@ fn check_bytecode(p: &mut Problems, path: &str, b: &Bytecode) {
         );
     }
     if let Some(name) = &b.builtin {
-        if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
-            p.add(format!("{path}.builtin"), format!("{name:?} is not a builtin name"));
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            p.add(
+                format!("{path}.builtin"),
+                format!("{name:?} is not a builtin name"),
+            );
         }
     }
     if let Some(cm) = &b.config_map {
@@ -317,18 +353,30 @@ fn check_bytecode(p: &mut Problems, path: &str, b: &Bytecode) {
             );
         }
         if cm.name.is_empty() || cm.name.len() > 253 {
-            p.add(format!("{path}.configMap.name"), format!("{:?} is not a ConfigMap name", cm.name));
+            p.add(
+                format!("{path}.configMap.name"),
+                format!("{:?} is not a ConfigMap name", cm.name),
+            );
         }
         if cm.key.is_empty() || cm.key.len() > 253 {
-            p.add(format!("{path}.configMap.key"), format!("{:?} is not a ConfigMap key", cm.key));
+            p.add(
+                format!("{path}.configMap.key"),
+                format!("{:?} is not a ConfigMap key", cm.key),
+            );
         }
     }
     if let Some(file) = &b.path {
         if !file.starts_with('/') {
-            p.add(format!("{path}.path"), format!("{file:?} must be an absolute path"));
+            p.add(
+                format!("{path}.path"),
+                format!("{file:?} must be an absolute path"),
+            );
         }
         if file.split('/').any(|c| c == "..") || file.contains('\0') {
-            p.add(format!("{path}.path"), format!("{file:?} must not contain '..' or NUL"));
+            p.add(
+                format!("{path}.path"),
+                format!("{file:?} must not contain '..' or NUL"),
+            );
         }
     }
 }
@@ -377,7 +425,10 @@ fn check_attach(p: &mut Problems, path: &str, a: &Attach) {
         let f = k.function.split('.').next().unwrap_or_default();
         ident(p, format!("{path}.kprobe.function"), f);
         if k.offset > 65536 {
-            p.add(format!("{path}.kprobe.offset"), format!("{} is above 65536", k.offset));
+            p.add(
+                format!("{path}.kprobe.offset"),
+                format!("{} is above 65536", k.offset),
+            );
         }
     }
     for (kind, f) in [("fentry", &a.fentry), ("fexit", &a.fexit)] {
@@ -392,7 +443,10 @@ fn check_attach(p: &mut Problems, path: &str, a: &Attach) {
     for (kind, list) in ifaces {
         let Some(list) = list else { continue };
         if list.is_empty() {
-            p.add(format!("{path}.{kind}.interfaces"), "at least one interface is required");
+            p.add(
+                format!("{path}.{kind}.interfaces"),
+                "at least one interface is required",
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, name) in list.iter().enumerate() {
@@ -403,7 +457,10 @@ fn check_attach(p: &mut Problems, path: &str, a: &Attach) {
                 );
             }
             if !seen.insert(name) {
-                p.add(format!("{path}.{kind}.interfaces[{i}]"), format!("{name:?} is listed twice"));
+                p.add(
+                    format!("{path}.{kind}.interfaces[{i}]"),
+                    format!("{name:?} is listed twice"),
+                );
             }
         }
     }
@@ -421,9 +478,15 @@ fn check_requirements(p: &mut Problems, path: &str, r: &Requirements) {
         ("fields", &r.fields, parse_field),
         ("enumValues", &r.enum_values, parse_enum_value),
         ("functions", &r.functions, parse_function),
-        ("programTypes", &r.program_types, |s| parse_program_type(s).map(str::to_string)),
-        ("mapTypes", &r.map_types, |s| parse_map_type(s).map(str::to_string)),
-        ("helpers", &r.helpers, |s| parse_helper(s).map(str::to_string)),
+        ("programTypes", &r.program_types, |s| {
+            parse_program_type(s).map(str::to_string)
+        }),
+        ("mapTypes", &r.map_types, |s| {
+            parse_map_type(s).map(str::to_string)
+        }),
+        ("helpers", &r.helpers, |s| {
+            parse_helper(s).map(str::to_string)
+        }),
     ];
     for (field, list, check) in lists {
         for (i, item) in list.iter().enumerate() {

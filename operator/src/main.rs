@@ -69,11 +69,21 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         for r in reports {
             checked += 1;
             if r.errors.is_empty() {
-                println!("{}: {} (document {}): valid", file.display(), r.object, r.index);
+                println!(
+                    "{}: {} (document {}): valid",
+                    file.display(),
+                    r.object,
+                    r.index
+                );
             } else {
                 bad += 1;
                 for e in &r.errors {
-                    eprintln!("{}: {} (document {}): {e}", file.display(), r.object, r.index);
+                    eprintln!(
+                        "{}: {} (document {}): {e}",
+                        file.display(),
+                        r.object,
+                        r.index
+                    );
                 }
             }
         }
