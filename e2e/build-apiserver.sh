@@ -85,7 +85,7 @@ if ! TREE="$(src_tree)"; then
 fi
 VERSION_DIR="$(basename "$TREE")"
 case "$VERSION_DIR" in
-    kubernetes-1.20.*|kubernetes-1.20.*+really1.20.*) ;;
+    kubernetes-1.20.*|*really1.20.*) ;;
     *) log "apiserver: warning: expected kubernetes 1.20.x source, found $VERSION_DIR" ;;
 esac
 

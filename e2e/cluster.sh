@@ -59,6 +59,7 @@ start_daemon() {
     shift
     rm -f "$RUN/$name.pid"
     echo "===== $(date -Is) $*" >>"$RUN/$name.log"
+    # shellcheck disable=SC2016 # $$, $0 and $@ belong to the inner shell
     setsid bash -c 'echo $$ >"$0"; exec "$@"' "$RUN/$name.pid" "$@" >>"$RUN/$name.log" 2>&1 </dev/null &
     local i
     for i in $(seq 50); do
@@ -228,6 +229,12 @@ start_apiserver() {
         return 0
     fi
     rm -f "$RUN/kube-apiserver.pid"
+    # The self-signed serving certificate is made once and lasts a year; an expiring
+    # one is dropped so the API server makes a new one (kubeconfigs are rewritten after).
+    if [[ -s $RUN/certs/apiserver.crt ]] && ! openssl x509 -checkend 86400 -noout -in "$RUN/certs/apiserver.crt" >/dev/null 2>&1; then
+        log "kube-apiserver: serving certificate expires within a day; regenerating"
+        rm -f "$RUN/certs/apiserver.crt" "$RUN/certs/apiserver.key"
+    fi
     port_busy "$API_PORT" && die "port $API_PORT (kube-apiserver) is taken by another process; set BPFPOLY_APISERVER_PORT"
     log "kube-apiserver: starting on $API_URL"
     start_daemon kube-apiserver "$APISERVER_BIN" \
@@ -265,7 +272,7 @@ wait_apiserver() {
     done
     echo " timeout" >&2
     show_log_tail kube-apiserver
-    die "kube-apiserver not ready after $READY_TIMEOUT s (log: $RUN/kube-apiserver.log)"
+    die "kube-apiserver not ready after $READY_TIMEOUT s (log: $RUN/kube-apiserver.log); it is left running: \`bash e2e/cluster.sh down\` stops it"
 }
 
 cmd_up() {
@@ -279,6 +286,14 @@ cmd_up() {
     local t0=$SECONDS
     bash "$HERE/install-deps.sh" --apt etcd-server openssl curl
     bash "$HERE/build-apiserver.sh"
+    # All ports checked before anything starts, so a clash leaves nothing half-up.
+    if [[ -z $(our_pid etcd) ]]; then
+        port_busy "$ETCD_PORT" && die "port $ETCD_PORT (etcd client) is taken by another process; set BPFPOLY_ETCD_PORT"
+        port_busy "$ETCD_PEER_PORT" && die "port $ETCD_PEER_PORT (etcd peer) is taken by another process; set BPFPOLY_ETCD_PEER_PORT"
+    fi
+    if [[ -z $(our_pid kube-apiserver) ]]; then
+        port_busy "$API_PORT" && die "port $API_PORT (kube-apiserver) is taken by another process; set BPFPOLY_APISERVER_PORT"
+    fi
     ensure_credentials
     start_etcd
     wait_etcd

@@ -69,12 +69,14 @@ if [[ $REFRESH -eq 1 || ! -s $OUT ]] || ! is_btf "$OUT"; then
         tail -n 20 "$WORK/apt.log" >&2
         die "apt-get download $PKG failed"
     }
-    DEB="$(ls "$WORK"/*.deb 2>/dev/null | head -n 1)"
-    [[ -n $DEB ]] || die "apt-get download $PKG produced no .deb"
+    debs=("$WORK"/*.deb)
+    DEB="${debs[0]}"
+    [[ -f $DEB ]] || die "apt-get download $PKG produced no .deb"
     log "btf: extracting /boot/vmlinuz-$RELEASE from $(basename "$DEB") ($(du -m "$DEB" | cut -f1) MiB)"
     dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$WORK" --wildcards './boot/vmlinuz-*' \
         || die "no /boot/vmlinuz-* in $DEB"
-    VMLINUZ="$(ls "$WORK"/boot/vmlinuz-* | head -n 1)"
+    images=("$WORK"/boot/vmlinuz-*)
+    VMLINUZ="${images[0]}"
     [[ $(basename "$VMLINUZ") == "vmlinuz-$RELEASE" ]] \
         || log "btf: warning: package $PKG holds $(basename "$VMLINUZ"), expected vmlinuz-$RELEASE"
 
