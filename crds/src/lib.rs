@@ -40,10 +40,29 @@ pub fn crds(
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
                 unwrap_descriptions(schema);
+                // Status is written by controllers, never defaulted by the server; derived
+                // defaults there (`null` for strings) are rejected by the API server.
+                if let Some(status) = schema.properties.as_mut().and_then(|p| p.get_mut("status")) {
+                    strip_defaults(status);
+                }
             }
         }
     }
     out
+}
+
+fn strip_defaults(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    schema.default = None;
+    if let Some(props) = schema.properties.as_mut() {
+        props.values_mut().for_each(strip_defaults);
+    }
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) =
+        schema.items.as_mut()
+    {
+        strip_defaults(items);
+    }
 }
 
 /// Doc comments wrap at 100 columns; `kubectl explain` reads better with one line per
