@@ -174,6 +174,16 @@ pub enum FallbackStage {
     Handler,
 }
 
+impl std::fmt::Display for FallbackStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FallbackStage::Verify => "verify",
+            FallbackStage::Attach => "attach",
+            FallbackStage::Handler => "handler",
+        })
+    }
+}
+
 /// One degradation step.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,581 @@
+//! The `BpfPolyProgram` controller: per-node decisions, rollout waves, status, Events and the
+//! unload finalizer. Node states and profiles are written by [`crate::writer`], one patch per
+//! node, from the targets this controller publishes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bpfpoly_crds::program::OnNoEligibleVariant;
+use bpfpoly_crds::select::{decide, program_queries, Decision, NodeFacts, Outcome};
+use bpfpoly_crds::state::{Phase, ProgramAssignment};
+use bpfpoly_crds::validate::validate_program;
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+
+use crate::aggregate::{aggregate, Inputs, NodeOutcome};
+use crate::metrics::Metrics;
+use crate::rollout::{plan, NodeProgress};
+use crate::{Error, FIELD_MANAGER};
+
+/// Finalizer that makes deletion wait for the agents to unload.
+pub const FINALIZER: &str = "bpfpoly.io/unload";
+
+/// What one program wants on the nodes, as last decided.
+#[derive(Clone, Debug, Default)]
+pub struct ProgramTargets {
+    /// Nodes that carry the current generation, with their assignment.
+    pub assignments: HashMap<String, ProgramAssignment>,
+    /// Eligible nodes the rollout has not reached: they keep what they run.
+    pub keep: HashSet<String>,
+    /// BTF queries the program needs.
+    pub queries: Vec<String>,
+    /// Nodes asked to answer them (one per BTF build, plus nodes not yet reported).
+    pub query_nodes: HashSet<String>,
+}
+
+/// Shared state of the controller and the writer.
+pub struct Context {
+    /// API client.
+    pub client: kube::Client,
+    /// Nodes.
+    pub nodes: Store<Node>,
+    /// Node profiles.
+    pub profiles: Store<BpfNodeProfile>,
+    /// Node states.
+    pub states: Store<BpfNodeState>,
+    /// Programs (the controller's own store).
+    pub programs: Store<BpfPolyProgram>,
+    /// Targets by program name.
+    pub targets: std::sync::RwLock<HashMap<String, ProgramTargets>>,
+    /// Nodes whose state or profile needs writing.
+    pub dirty: crate::writer::Dirty,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Events already published, so a steady state does not repeat them.
+    pub announced: std::sync::Mutex<HashSet<String>>,
+    /// How long deletion waits for the agents.
+    pub unload_timeout: Duration,
+}
+
+/// Facts per node, with answers shared by every node of the same BTF build.
+pub struct FactsIndex {
+    /// Node name to (decision-sharing key, facts).
+    pub by_node: HashMap<String, (String, NodeFacts)>,
+    /// BTF digest to the node asked to answer queries for it.
+    pub representative: HashMap<String, String>,
+}
+
+impl FactsIndex {
+    /// Indexes the published profiles.
+    pub fn build(profiles: &[Arc<BpfNodeProfile>]) -> FactsIndex {
+        let mut pooled: HashMap<String, BTreeMap<String, bool>> = HashMap::new();
+        let mut representative: HashMap<String, String> = HashMap::new();
+        for p in profiles {
+            let Some(s) = &p.status else { continue };
+            if s.btf.sha256.is_empty() {
+                continue;
+            }
+            pooled
+                .entry(s.btf.sha256.clone())
+                .or_default()
+                .extend(s.answers.iter().map(|(k, v)| (k.clone(), *v)));
+            let name = p.name_any();
+            representative
+                .entry(s.btf.sha256.clone())
+                .and_modify(|r| {
+                    if name < *r {
+                        r.clone_from(&name);
+                    }
+                })
+                .or_insert(name);
+        }
+        let by_node = profiles
+            .iter()
+            .filter_map(|p| {
+                let s = p.status.as_ref()?;
+                let mut facts = NodeFacts::from_status(s);
+                if let Some(pool) = pooled.get(&s.btf.sha256) {
+                    facts.answers = pool.clone();
+                }
+                // Decisions are shared by nodes whose facts are the same.
+                let key = format!(
+                    "{}|{}|{}|{:?}|{:?}|{:?}",
+                    s.btf.sha256,
+                    s.kernel.release,
+                    s.btf.available,
+                    s.program_types,
+                    s.observed_program_types,
+                    s.map_types
+                );
+                Some((p.name_any(), (key, facts)))
+            })
+            .collect();
+        FactsIndex {
+            by_node,
+            representative,
+        }
+    }
+}
+
+/// Reconciles one program.
+pub async fn reconcile(obj: Arc<BpfPolyProgram>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api: Api<BpfPolyProgram> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(p) => apply(p, &ctx).await,
+            Finalizer::Cleanup(p) => cleanup(p, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Requeue on error, with the error counted by kind.
+pub fn error_policy(obj: Arc<BpfPolyProgram>, err: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(program = %obj.name_any(), error = %err, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[err.metric_label()])
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
+    let name = p.name_any();
+    let generation = p.metadata.generation.unwrap_or(0);
+    let problems = validate_program(&p);
+    if !problems.is_empty() {
+        // Keep whatever runs: an invalid spec never removes a working version.
+        let message = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        announce(
+            ctx,
+            &p,
+            &format!("invalid/{generation}"),
+            EventType::Warning,
+            "InvalidSpec",
+            &message,
+        )
+        .await;
+        let mut status = p.status.clone().unwrap_or_default();
+        status.observed_generation = Some(generation);
+        set_condition(
+            &mut status.conditions,
+            generation,
+            "Ready",
+            false,
+            "InvalidSpec",
+            &message,
+        );
+        write_status(ctx, &p, status).await?;
+        return Ok(Action::await_change());
+    }
+
+    let facts = FactsIndex::build(&ctx.profiles.state());
+    let queries: Vec<String> = program_queries(&p.spec)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut decisions: HashMap<&str, Decision> = HashMap::new();
+    let mut selected: Vec<String> = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| crate::selector::matches(p.spec.node_selector.as_ref(), n.labels()))
+        .map(|n| n.name_any())
+        .collect();
+    selected.sort();
+
+    let states: HashMap<String, Arc<BpfNodeState>> = ctx
+        .states
+        .state()
+        .into_iter()
+        .map(|s| (s.name_any(), s))
+        .collect();
+    let pending_facts = NodeFacts::default();
+    let mut outcomes: BTreeMap<String, NodeOutcome<'_>> = BTreeMap::new();
+    let mut eligible = Vec::new();
+    let mut query_nodes = HashSet::new();
+    let mut candidates_by_node: HashMap<String, ProgramAssignment> = HashMap::new();
+    for node in &selected {
+        let (key, node_facts) = facts
+            .by_node
+            .get(node)
+            .map(|(k, f)| (k.as_str(), f))
+            .unwrap_or(("", &pending_facts));
+        let d = decisions
+            .entry(key)
+            .or_insert_with(|| decide(&p.spec, node_facts));
+        let sha = ctx
+            .profiles
+            .get(&ObjectRef::new(node))
+            .and_then(|pr| pr.status.as_ref().map(|s| s.btf.sha256.clone()))
+            .unwrap_or_default();
+        if sha.is_empty() || facts.representative.get(&sha) == Some(node) {
+            query_nodes.insert(node.clone());
+        }
+        let reported = states.get(node).and_then(|s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.programs.iter().find(|ps| ps.name == name))
+        });
+        match d.outcome() {
+            Outcome::Pending => {
+                outcomes.insert(
+                    node.clone(),
+                    NodeOutcome::Pending(format!("waiting for {}", d.pending.join(", "))),
+                );
+            }
+            Outcome::Unsupported => {
+                let reason = d.reasons().join("; ");
+                announce(
+                    ctx,
+                    &p,
+                    &format!("unsupported/{generation}/{node}"),
+                    EventType::Warning,
+                    "NoEligibleVariant",
+                    &format!("node {node}: {reason}"),
+                )
+                .await;
+                outcomes.insert(node.clone(), NodeOutcome::Unsupported(reason));
+            }
+            Outcome::Eligible => {
+                let by_name: HashMap<&str, _> = p
+                    .spec
+                    .variants
+                    .iter()
+                    .map(|v| (v.name.as_str(), v))
+                    .collect();
+                candidates_by_node.insert(
+                    node.clone(),
+                    ProgramAssignment {
+                        name: name.clone(),
+                        generation,
+                        candidates: d
+                            .eligible
+                            .iter()
+                            .filter_map(|e| by_name.get(e.name.as_str()).map(|v| (*v).clone()))
+                            .collect(),
+                        config: d.config.clone(),
+                        dispatch: p.spec.dispatch.clone(),
+                        fallback: p.spec.fallback.clone(),
+                    },
+                );
+                eligible.push(node.clone());
+                outcomes.insert(node.clone(), NodeOutcome::Eligible(reported));
+                if let Some(r) = reported.filter(|r| r.observed_generation == generation) {
+                    match r.phase {
+                        Phase::Degraded => {
+                            let why = r
+                                .fallbacks
+                                .last()
+                                .map(|f| {
+                                    format!("{} -> {} at {}: {}", f.from, f.to, f.stage, f.reason)
+                                })
+                                .unwrap_or_else(|| r.message.clone());
+                            announce(
+                                ctx,
+                                &p,
+                                &format!("degraded/{generation}/{node}/{why}"),
+                                EventType::Warning,
+                                "FellBack",
+                                &format!("node {node}: {why}"),
+                            )
+                            .await;
+                        }
+                        Phase::Failed => {
+                            announce(
+                                ctx,
+                                &p,
+                                &format!("failed/{generation}/{node}"),
+                                EventType::Warning,
+                                "LoadFailed",
+                                &format!("node {node}: {}", r.message),
+                            )
+                            .await;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    let progress: Vec<NodeProgress<'_>> = eligible
+        .iter()
+        .map(|node| {
+            let st = states.get(node);
+            NodeProgress {
+                node,
+                assigned: st.and_then(|s| {
+                    s.spec
+                        .programs
+                        .iter()
+                        .find(|a| a.name == name)
+                        .map(|a| a.generation)
+                }),
+                reported: st.and_then(|s| {
+                    s.status.as_ref().and_then(|st| {
+                        st.programs
+                            .iter()
+                            .find(|ps| ps.name == name)
+                            .map(|ps| (ps.observed_generation, ps.phase))
+                    })
+                }),
+            }
+        })
+        .collect();
+    let rollout = plan(generation, &p.spec.rollout, &progress);
+    if rollout.paused {
+        announce(
+            ctx,
+            &p,
+            &format!("paused/{generation}"),
+            EventType::Warning,
+            "RolloutPaused",
+            &rollout.message,
+        )
+        .await;
+    }
+    ctx.metrics
+        .rollout_paused
+        .with_label_values(&[&name])
+        .set(i64::from(rollout.paused));
+
+    let targets = ProgramTargets {
+        assignments: candidates_by_node
+            .into_iter()
+            .filter(|(n, _)| rollout.updated.contains(n))
+            .collect(),
+        keep: eligible.iter().cloned().collect(),
+        queries,
+        query_nodes,
+    };
+    publish_targets(ctx, &name, targets);
+
+    let previous = p
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let status = aggregate(&Inputs {
+        generation,
+        nodes: &outcomes,
+        plan: &rollout,
+        on_no_eligible: p.spec.fallback.on_no_eligible_variant,
+        previous: &previous,
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+    });
+    for (phase, n) in [
+        ("selected", status.nodes.selected),
+        ("loaded", status.nodes.loaded),
+        ("degraded", status.nodes.degraded),
+        ("failed", status.nodes.failed),
+        ("unsupported", status.nodes.unsupported),
+        ("pending", status.nodes.pending),
+    ] {
+        ctx.metrics
+            .nodes
+            .with_label_values(&[name.as_str(), phase])
+            .set(i64::from(n));
+    }
+    if p.spec.fallback.on_no_eligible_variant == OnNoEligibleVariant::Fail {
+        tracing::debug!(program = %name, "nodes without an eligible variant count as failed");
+    }
+    write_status(ctx, &p, status).await?;
+    Ok(Action::await_change())
+}
+
+/// Replaces a program's targets and marks every node that held or holds it dirty.
+fn publish_targets(ctx: &Context, name: &str, targets: ProgramTargets) {
+    let mut touched: BTreeSet<String> = targets.keep.iter().cloned().collect();
+    touched.extend(targets.query_nodes.iter().cloned());
+    {
+        let mut all = ctx
+            .targets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = all.insert(name.to_string(), targets) {
+            touched.extend(old.keep);
+            touched.extend(old.query_nodes);
+        }
+    }
+    // Nodes that still hold the program but are no longer selected.
+    for s in ctx.states.state() {
+        if s.spec.programs.iter().any(|a| a.name == name) {
+            touched.insert(s.name_any());
+        }
+    }
+    ctx.dirty.mark(touched);
+}
+
+async fn cleanup(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
+    let name = p.name_any();
+    publish_targets(ctx, &name, ProgramTargets::default());
+    // Wait until no node still lists it in spec, or reports it as anything but Unloaded.
+    let waiting: Vec<String> = ctx
+        .states
+        .state()
+        .iter()
+        .filter(|s| {
+            s.spec.programs.iter().any(|a| a.name == name)
+                || s.status.as_ref().is_some_and(|st| {
+                    st.programs
+                        .iter()
+                        .any(|ps| ps.name == name && ps.phase != Phase::Unloaded)
+                })
+        })
+        .map(|s| s.name_any())
+        .collect();
+    if waiting.is_empty() {
+        ctx.targets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&name);
+        return Ok(Action::await_change());
+    }
+    let since = p
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or_default();
+    if since > ctx.unload_timeout {
+        let msg = format!(
+            "gave up waiting {}s for node(s) {} to unload; their agents may be down, and `bpfpoly-agent cleanup` removes what is left",
+            ctx.unload_timeout.as_secs(),
+            waiting.join(", ")
+        );
+        announce(
+            ctx,
+            &p,
+            "unload-timeout",
+            EventType::Warning,
+            "UnloadTimeout",
+            &msg,
+        )
+        .await;
+        let mut status = p.status.clone().unwrap_or_default();
+        set_condition(
+            &mut status.conditions,
+            p.metadata.generation.unwrap_or(0),
+            "Ready",
+            false,
+            "UnloadTimeout",
+            &msg,
+        );
+        let _ = write_status(ctx, &p, status).await;
+        ctx.targets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&name);
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+fn set_condition(
+    conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    generation: i64,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let last = conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or(now, |c| c.last_transition_time.clone());
+    conditions.retain(|c| c.type_ != type_);
+    conditions.push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: Some(generation),
+        last_transition_time: last,
+    });
+}
+
+async fn write_status(
+    ctx: &Context,
+    p: &BpfPolyProgram,
+    status: bpfpoly_crds::BpfPolyProgramStatus,
+) -> Result<(), Error> {
+    if p.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<BpfPolyProgram> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": "bpfpoly.io/v1alpha1",
+        "kind": "BpfPolyProgram",
+        "status": status,
+    });
+    api.patch_status(
+        &p.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// Publishes an Event once per key.
+async fn announce(
+    ctx: &Context,
+    p: &BpfPolyProgram,
+    key: &str,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let key = format!("{}/{key}", p.name_any());
+    {
+        let mut seen = ctx
+            .announced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !seen.insert(key) {
+            return;
+        }
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+    }
+    let mut note = note.to_string();
+    if note.len() > 1000 {
+        note.truncate(note.floor_char_boundary(1000));
+    }
+    let ev = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &p.object_ref(&())).await {
+        tracing::warn!(program = %p.name_any(), error = %e, "cannot publish Event");
+    }
+}

@@ -1,0 +1,34 @@
+//! The bpfpoly operator: BTF-gated, per-node variant selection and safe rollout.
+
+pub mod aggregate;
+pub mod controller;
+pub mod explain;
+pub mod metrics;
+pub mod rollout;
+pub mod run;
+pub mod selector;
+pub mod writer;
+
+/// Field manager for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "bpfpoly-operator";
+
+/// Everything that can fail in a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    /// The finalizer machinery failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A bounded label for the error counter.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! `bpfpoly-operator run`: wiring of reflectors, leader election, the controller, the node
+//! writer and the HTTP endpoints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::{Api, Client};
+
+use crate::controller::{error_policy, reconcile, Context};
+use crate::metrics::Metrics;
+
+/// Options of `run`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Kubeconfig file; in-cluster or `$KUBECONFIG` when absent.
+    pub kubeconfig: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// Hold a Lease before reconciling, so replicas are safe.
+    pub leader_election: bool,
+    /// Namespace of the Lease.
+    pub lease_namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// Lease duration; a standby takes over within it.
+    pub lease_duration: Duration,
+    /// This replica's identity.
+    pub identity: String,
+    /// How long deletion waits for the agents to unload.
+    pub unload_timeout: Duration,
+}
+
+/// Errors that stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No usable kubeconfig.
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Config(String),
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The HTTP endpoint could not bind.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Leader election failed.
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+}
+
+/// Builds a client from a kubeconfig path, or the default chain.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, RunError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| RunError::Config(e.to_string()))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz`.
+pub async fn serve_http(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+) -> Result<(), RunError> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.encode() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: waiting for caches or the lease",
+                        )
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Starts a reflector; every change sends a trigger.
+fn reflect<K>(
+    api: Api<K>,
+    trigger: futures::channel::mpsc::UnboundedSender<()>,
+    changed: Arc<tokio::sync::Notify>,
+) -> (Store<K>, impl std::future::Future<Output = ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    let task = drive(stream, trigger, changed);
+    (reader, task)
+}
+
+async fn drive<K, S>(
+    stream: S,
+    trigger: futures::channel::mpsc::UnboundedSender<()>,
+    changed: Arc<tokio::sync::Notify>,
+) where
+    S: Stream<Item = Result<K, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => {
+                let _ = trigger.unbounded_send(());
+                changed.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "watch error; retrying"),
+        }
+    }
+}
+
+/// Runs until SIGTERM/SIGINT, or until leadership is lost (then exits non-zero so the
+/// supervisor restarts it as a standby).
+pub async fn run(opts: Options) -> Result<(), RunError> {
+    let client = client(opts.kubeconfig.as_ref()).await?;
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    serve_http(opts.metrics_addr, metrics.clone(), ready.clone()).await?;
+    tracing::info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
+
+    let lease = if opts.leader_election {
+        let manager =
+            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &opts.lease_name)
+                .with_namespace(&opts.lease_namespace)
+                .with_identity(&opts.identity)
+                .with_duration(opts.lease_duration.as_secs().max(2))
+                .with_grace(2)
+                .build()
+                .await?;
+        let (mut leader, task) = manager.watch().await;
+        tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
+        while !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                return Err(RunError::Config("lease manager stopped".into()));
+            }
+        }
+        tracing::info!(identity = %opts.identity, "holding the lease: reconciling");
+        tokio::spawn(async move {
+            while leader.changed().await.is_ok() {
+                if !*leader.borrow() {
+                    tracing::error!("lost the lease: exiting so a standby takes over");
+                    std::process::exit(3);
+                }
+            }
+        });
+        Some(task)
+    } else {
+        None
+    };
+
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let (nodes, nodes_task) = reflect(
+        Api::<Node>::all(client.clone()),
+        tx.clone(),
+        changed.clone(),
+    );
+    let (profiles, profiles_task) = reflect(
+        Api::<BpfNodeProfile>::all(client.clone()),
+        tx.clone(),
+        changed.clone(),
+    );
+    let (states, states_task) = reflect(
+        Api::<BpfNodeState>::all(client.clone()),
+        tx.clone(),
+        changed.clone(),
+    );
+    drop(tx);
+    tokio::spawn(nodes_task);
+    tokio::spawn(profiles_task);
+    tokio::spawn(states_task);
+
+    let programs_api = Api::<BpfPolyProgram>::all(client.clone());
+    let controller = Controller::new(programs_api, watcher::Config::default()).with_config(
+        kube::runtime::controller::Config::default()
+            .debounce(Duration::from_millis(200))
+            .concurrency(4),
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        nodes: nodes.clone(),
+        profiles: profiles.clone(),
+        states: states.clone(),
+        programs: controller.store(),
+        targets: Default::default(),
+        dirty: Default::default(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "bpfpoly-operator".into(),
+                instance: Some(opts.identity.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+        announced: Default::default(),
+        unload_timeout: opts.unload_timeout,
+    });
+
+    for (what, ready) in [
+        ("nodes", nodes.wait_until_ready().await.is_ok()),
+        ("profiles", profiles.wait_until_ready().await.is_ok()),
+        ("states", states.wait_until_ready().await.is_ok()),
+    ] {
+        if !ready {
+            return Err(RunError::Config(format!(
+                "the {what} cache never became ready"
+            )));
+        }
+    }
+    tracing::info!(nodes = nodes.state().len(), "caches ready");
+    ready.store(true, Ordering::Relaxed);
+
+    tokio::spawn(crate::writer::run(ctx.clone()));
+    tokio::spawn(crate::writer::sweep_on_change(ctx.clone(), changed));
+
+    controller
+        .reconcile_all_on(rx)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile outcome");
+            }
+        })
+        .await;
+    tracing::info!("shutting down");
+    if let Some(task) = lease {
+        task.abort();
+    }
+    Ok(())
+}

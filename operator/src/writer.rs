@@ -1,0 +1,227 @@
+//! Writes each node's `BpfNodeState.spec` and `BpfNodeProfile.spec.queries`: one
+//! server-side apply per node that changed, however many programs changed with it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bpfpoly_crds::state::ProgramAssignment;
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState};
+use futures::StreamExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
+use tokio::sync::Notify;
+
+use crate::controller::Context;
+use crate::FIELD_MANAGER;
+
+/// Nodes waiting to be written, and a wake-up for the writer.
+#[derive(Default)]
+pub struct Dirty {
+    nodes: std::sync::Mutex<BTreeSet<String>>,
+    wake: Notify,
+}
+
+impl Dirty {
+    /// Marks nodes for writing.
+    pub fn mark(&self, nodes: impl IntoIterator<Item = String>) {
+        let mut set = self
+            .nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = set.len();
+        set.extend(nodes);
+        if set.len() != before {
+            self.wake.notify_one();
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .nodes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect()
+    }
+}
+
+/// Nodes written concurrently.
+const CONCURRENCY: usize = 32;
+
+/// Runs forever: writes dirty nodes, retrying failures after a pause.
+pub async fn run(ctx: Arc<Context>) {
+    loop {
+        ctx.dirty.wake.notified().await;
+        // Let a burst of reconciles accumulate into one pass.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let batch = ctx.dirty.take();
+        let failed: Vec<String> = futures::stream::iter(batch)
+            .map(|node| {
+                let ctx = ctx.clone();
+                async move {
+                    match write_node(&ctx, &node).await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            tracing::warn!(%node, error = %e, "cannot write node state");
+                            ctx.metrics
+                                .reconcile_errors
+                                .with_label_values(&["node_write"])
+                                .inc();
+                            Some(node)
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
+        if !failed.is_empty() {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                ctx.dirty.mark(failed);
+            });
+        }
+    }
+}
+
+/// What a node should hold, from the published targets and what it holds now.
+fn desired_programs(
+    ctx: &Context,
+    node: &str,
+    current: &[ProgramAssignment],
+) -> Vec<ProgramAssignment> {
+    let targets = ctx
+        .targets
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out: Vec<ProgramAssignment> = Vec::new();
+    for (program, t) in targets.iter() {
+        if let Some(a) = t.assignments.get(node) {
+            out.push(a.clone());
+        } else if t.keep.contains(node) {
+            // The rollout has not reached this node: it keeps its version (if any).
+            out.extend(current.iter().filter(|a| &a.name == program).cloned());
+        }
+    }
+    // Programs not reconciled yet (e.g. right after a restart) keep what they have, unless
+    // the program is gone.
+    for a in current {
+        if !targets.contains_key(&a.name)
+            && ctx
+                .programs
+                .get(&ObjectRef::new(&a.name))
+                .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            out.push(a.clone());
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn desired_queries(ctx: &Context, node: &str) -> Vec<String> {
+    let targets = ctx
+        .targets
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let set: BTreeSet<&String> = targets
+        .values()
+        .filter(|t| t.query_nodes.contains(node))
+        .flat_map(|t| t.queries.iter())
+        .collect();
+    set.into_iter().cloned().collect()
+}
+
+async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
+    if ctx.nodes.get(&ObjectRef::new(node)).is_none() {
+        return Ok(()); // deleted; the sweep removes what is left
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let state = ctx.states.get(&ObjectRef::new(node));
+    let current = state
+        .as_ref()
+        .map(|s| s.spec.programs.clone())
+        .unwrap_or_default();
+    let want = desired_programs(ctx, node, &current);
+    if want != current || (state.is_none() && !want.is_empty()) {
+        let api: Api<BpfNodeState> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": "bpfpoly.io/v1alpha1",
+            "kind": "BpfNodeState",
+            "metadata": {"name": node},
+            "spec": {"programs": want},
+        });
+        api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+        ctx.metrics.node_writes.inc();
+    }
+    let profile = ctx.profiles.get(&ObjectRef::new(node));
+    let have = profile
+        .as_ref()
+        .map(|p| p.spec.queries.clone())
+        .unwrap_or_default();
+    let queries = desired_queries(ctx, node);
+    if queries != have {
+        let api: Api<BpfNodeProfile> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": "bpfpoly.io/v1alpha1",
+            "kind": "BpfNodeProfile",
+            "metadata": {"name": node},
+            "spec": {"queries": queries},
+        });
+        api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+        ctx.metrics.node_writes.inc();
+    }
+    Ok(())
+}
+
+/// Sweeps when the caches change, coalesced to at most once a second. Comparing the caches
+/// (rather than acting on Delete events, which a restarted watch can miss) also cleans up a
+/// node deleted while the operator was down.
+pub async fn sweep_on_change(ctx: Arc<Context>, changed: Arc<Notify>) {
+    let mut last = (usize::MAX, usize::MAX, usize::MAX);
+    loop {
+        let now = (
+            ctx.nodes.state().len(),
+            ctx.states.state().len(),
+            ctx.profiles.state().len(),
+        );
+        if now != last {
+            sweep_deleted_nodes(&ctx).await;
+            last = now;
+        }
+        changed.notified().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Deletes the states and profiles of nodes that no longer exist.
+pub async fn sweep_deleted_nodes(ctx: &Context) {
+    let nodes: BTreeSet<String> = ctx.nodes.state().iter().map(|n| n.name_any()).collect();
+    let dp = DeleteParams::default();
+    for s in ctx.states.state() {
+        let name = s.name_any();
+        if !nodes.contains(&name) {
+            let api: Api<BpfNodeState> = Api::all(ctx.client.clone());
+            match api.delete(&name, &dp).await {
+                Ok(_) => tracing::info!(node = %name, "node deleted: removed its BpfNodeState"),
+                Err(e) => tracing::warn!(node = %name, error = %e, "cannot remove BpfNodeState"),
+            }
+        }
+    }
+    for p in ctx.profiles.state() {
+        let name = p.name_any();
+        if !nodes.contains(&name) {
+            let api: Api<BpfNodeProfile> = Api::all(ctx.client.clone());
+            match api.delete(&name, &dp).await {
+                Ok(_) => tracing::info!(node = %name, "node deleted: removed its BpfNodeProfile"),
+                Err(e) => tracing::warn!(node = %name, error = %e, "cannot remove BpfNodeProfile"),
+            }
+        }
+    }
+}
