@@ -77,6 +77,10 @@ pub struct Variant {
     /// Dispatch mechanism this variant is built for, overriding `spec.dispatch.mechanism`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispatch_mechanism: Option<DispatchMechanism>,
+    /// Object holding the freplace handlers (`SEC("freplace/bpfpoly_slot_<key>")`) that
+    /// replace the entry's slot functions, for the freplace mechanism. Same rules as `bytecode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler_bytecode: Option<Bytecode>,
 }
 
 /// The source of an eBPF object. Exactly one of `builtin`, `configMap` or `path`.

@@ -120,6 +120,9 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
             );
         }
         check_bytecode(&mut p, &format!("{path}.bytecode"), &v.bytecode);
+        if let Some(hb) = &v.handler_bytecode {
+            check_bytecode(&mut p, &format!("{path}.handlerBytecode"), hb);
+        }
         if v.programs.is_empty() {
             p.add(
                 format!("{path}.programs"),

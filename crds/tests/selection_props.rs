@@ -84,6 +84,7 @@ fn spec() -> impl Strategy<Value = BpfPolyProgramSpec> {
                     }],
                     requires,
                     dispatch_mechanism: None,
+                    handler_bytecode: None,
                 })
                 .collect(),
             config: cfgs
