@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 : "${KUBECONFIG:?KUBECONFIG must point at a running API server (make cluster-up)}"
 export KUBECONFIG
 echo "[bpfpoly] API tests against $(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
-cargo test -p bpfpoly-operator --test apiserver -- --ignored --test-threads=2
+# The controller tests each start an operator, so they run one at a time.
+cargo test -p bpfpoly-operator --test apiserver --test controller -- --ignored --test-threads=1

@@ -147,6 +147,14 @@ pub async fn reconcile(obj: Arc<BpfPolyProgram>, ctx: Arc<Context>) -> Result<Ac
 
 /// Requeue on error, with the error counted by kind.
 pub fn error_policy(obj: Arc<BpfPolyProgram>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Finalizer(inner) = err {
+        if let kube::runtime::finalizer::Error::CleanupFailed(Error::UnloadPending(nodes)) =
+            inner.as_ref()
+        {
+            tracing::info!(program = %obj.name_any(), %nodes, "waiting for agents to unload");
+            return Action::requeue(Duration::from_secs(1));
+        }
+    }
     tracing::warn!(program = %obj.name_any(), error = %err, "reconcile failed");
     ctx.metrics
         .reconcile_errors
@@ -490,7 +498,7 @@ async fn cleanup(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error>
             .remove(&name);
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(Duration::from_secs(2)))
+    Err(Error::UnloadPending(waiting.join(", ")))
 }
 
 fn set_condition(
@@ -575,7 +583,11 @@ async fn announce(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &p.object_ref(&())).await {
+    // Kubernetes 1.20 rejects events.k8s.io/v1 Events whose namespace differs from the
+    // regarding object's; cluster-scoped programs get theirs in `default`.
+    let mut reference = p.object_ref(&());
+    reference.namespace = Some("default".into());
+    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
         tracing::warn!(program = %p.name_any(), error = %e, "cannot publish Event");
     }
 }

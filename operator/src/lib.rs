@@ -18,6 +18,10 @@ pub enum Error {
     /// An API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
+    /// Deletion waits for these nodes' agents to report the program Unloaded. Returned as an
+    /// error so the finalizer stays until they do (or the timeout passes).
+    #[error("waiting for node(s) {0} to unload")]
+    UnloadPending(String),
     /// The finalizer machinery failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -28,6 +32,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
+            Error::UnloadPending(_) => "unload_pending",
             Error::Finalizer(_) => "finalizer",
         }
     }

@@ -1,0 +1,650 @@
+//! The operator against the real kube-apiserver, with **simulated nodes**: Node objects and
+//! BpfNodeProfile statuses written by the test, and agent status written by the test where
+//! a scenario needs an agent's report. No kernel is involved. Run by `make api-test`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+const PP: &str = "bpfpoly-test";
+
+struct Operator(Child);
+
+impl Operator {
+    fn start(port: u16, extra: &[&str]) -> Operator {
+        let log = std::fs::File::create(format!(
+            "{}/operator-test-{port}.log",
+            std::env::temp_dir().display()
+        ))
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bpfpoly-operator"))
+            .args([
+                "run",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--unload-timeout",
+                "10",
+            ])
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Operator(child)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn client() -> Client {
+    std::env::var("KUBECONFIG").expect("KUBECONFIG is not set: run `make api-test`");
+    let c = Client::try_default().await.unwrap();
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(c.clone());
+    for crd in bpfpoly_crds::crds() {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply(PP).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c
+}
+
+/// Creates a simulated node with a label naming the test.
+async fn sim_node(c: &Client, name: &str, test: &str) {
+    let nodes: Api<Node> = Api::all(c.clone());
+    let n = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"bpfpoly.io/test": test, "bpfpoly.io/simulated": "true"}}});
+    nodes
+        .patch(name, &PatchParams::apply(PP).force(), &Patch::Apply(&n))
+        .await
+        .unwrap();
+}
+
+/// Publishes a simulated agent profile.
+async fn sim_profile(c: &Client, node: &str, release: &str, sha: &str, answers: serde_json::Value) {
+    let api: Api<BpfNodeProfile> = Api::all(c.clone());
+    let pp = PatchParams::apply("sim-agent").force();
+    api.patch(node, &pp, &Patch::Apply(&json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "metadata": {"name": node}, "spec": {}})))
+        .await
+        .unwrap();
+    let status = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "status": {
+        "kernel": {"release": release, "version": release},
+        "btf": {"available": true, "source": "simulated", "sha256": sha, "types": 100},
+        "programTypes": ["kprobe", "tracepoint", "tracing", "xdp", "sched_cls"],
+        "mapTypes": ["ringbuf", "prog_array", "percpu_array"],
+        "answers": answers}});
+    api.patch_status(node, &pp, &Patch::Apply(&status))
+        .await
+        .unwrap();
+}
+
+/// Publishes a simulated agent report for one program on one node.
+async fn sim_report(c: &Client, node: &str, program: &str, generation: i64, phase: &str) {
+    let api: Api<BpfNodeState> = Api::all(c.clone());
+    let status = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeState", "status": {
+        "programs": [{"name": program, "observedGeneration": generation, "phase": phase, "variant": "tracepoint",
+                      "message": format!("simulated {phase}")}]}});
+    api.patch_status(
+        node,
+        &PatchParams::apply("sim-agent").force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .unwrap();
+}
+
+fn tracer(name: &str, test: &str, rollout: serde_json::Value) -> BpfPolyProgram {
+    let mut v: serde_json::Value =
+        serde_yaml::from_str(include_str!("../../crds/examples/exec-tracer.yaml")).unwrap();
+    v["metadata"]["name"] = json!(name);
+    v["spec"]["nodeSelector"] = json!({"matchLabels": {"bpfpoly.io/test": test}});
+    v["spec"]["rollout"] = rollout;
+    serde_json::from_value(v).unwrap()
+}
+
+async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn assigned(c: &Client, node: &str, program: &str) -> Option<i64> {
+    let api: Api<BpfNodeState> = Api::all(c.clone());
+    api.get_opt(node)
+        .await
+        .unwrap()?
+        .spec
+        .programs
+        .iter()
+        .find(|a| a.name == program)
+        .map(|a| a.generation)
+}
+
+async fn cleanup(c: &Client, test: &str, nodes: &[String], programs: &[&str]) {
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    for p in programs {
+        if bpp.get_opt(p).await.unwrap().is_some() {
+            let _ = bpp
+                .patch(
+                    p,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+            let _ = bpp.delete(p, &DeleteParams::default()).await;
+        }
+    }
+    let nodes_api: Api<Node> = Api::all(c.clone());
+    let states: Api<BpfNodeState> = Api::all(c.clone());
+    let profiles: Api<BpfNodeProfile> = Api::all(c.clone());
+    for n in nodes {
+        let _ = nodes_api.delete(n, &DeleteParams::default()).await;
+        let _ = states.delete(n, &DeleteParams::default()).await;
+        let _ = profiles.delete(n, &DeleteParams::default()).await;
+    }
+    let _ = test;
+}
+
+fn all_true(queries: &[&str]) -> serde_json::Value {
+    queries
+        .iter()
+        .map(|q| (q.to_string(), json!(true)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+const TRACER_QUERIES: &[&str] = &[
+    "field:struct task_struct.loginuid",
+    "helper:kprobe:bpf_ringbuf_output",
+    "helper:tracepoint:bpf_ringbuf_output",
+    "helper:tracing:bpf_ringbuf_output",
+    "type:struct linux_binprm",
+];
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn nodes_of_one_btf_build_are_asked_once_and_share_answers() {
+    let c = client().await;
+    let test = "shared";
+    let nodes: Vec<String> = (0..9).map(|i| format!("sim-shared-{i}")).collect();
+    cleanup(&c, test, &nodes, &["shared-tracer"]).await;
+    for (i, n) in nodes.iter().enumerate() {
+        sim_node(&c, n, test).await;
+        // Three kernel builds; profiles carry no answers yet.
+        sim_profile(
+            &c,
+            n,
+            "6.1.0-56-cloud-amd64",
+            &format!("build{}", i % 3),
+            json!({}),
+        )
+        .await;
+    }
+    let _op = Operator::start(19471, &["--no-leader-election"]);
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    bpp.create(
+        &PostParams::default(),
+        &tracer(
+            "shared-tracer",
+            test,
+            json!({"maxUnavailable": "100%", "canary": 0}),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let profiles: Api<BpfNodeProfile> = Api::all(c.clone());
+    let asked = wait_for("queries on one node per build", 20, || async {
+        let mut asked = Vec::new();
+        for n in &nodes {
+            if !profiles.get(n).await.unwrap().spec.queries.is_empty() {
+                asked.push(n.clone());
+            }
+        }
+        (asked.len() == 3).then_some(asked)
+    })
+    .await;
+    assert_eq!(
+        asked,
+        ["sim-shared-0", "sim-shared-1", "sim-shared-2"],
+        "the first node of each build answers"
+    );
+    let status = bpp.get("shared-tracer").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.nodes.pending, 9,
+        "unanswered nodes are pending, not failed: {:?}",
+        status.nodes
+    );
+    assert_eq!(status.nodes.failed, 0);
+
+    // Only the representatives answer; build2 lacks loginuid.
+    for (i, n) in asked.iter().enumerate() {
+        let mut answers = all_true(TRACER_QUERIES);
+        if i == 2 {
+            answers["field:struct task_struct.loginuid"] = json!(false);
+        }
+        sim_profile(&c, n, "6.1.0-56-cloud-amd64", &format!("build{i}"), answers).await;
+    }
+    let states: Api<BpfNodeState> = Api::all(c.clone());
+    for (i, n) in nodes.iter().enumerate() {
+        let st = wait_for(&format!("assignment on {n}"), 20, || async {
+            states
+                .get_opt(n)
+                .await
+                .unwrap()
+                .filter(|s| !s.spec.programs.is_empty())
+        })
+        .await;
+        let a = &st.spec.programs[0];
+        let names: Vec<&str> = a.candidates.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["kprobe", "tp-btf", "tracepoint"]);
+        let loginuid = a
+            .config
+            .iter()
+            .find(|cfg| cfg.name == "read_loginuid")
+            .unwrap();
+        assert_eq!(loginuid.fell_back, i % 3 == 2, "{n}: {loginuid:?}");
+        if loginuid.fell_back {
+            assert_eq!(
+                loginuid.reason.as_deref(),
+                Some("field struct task_struct.loginuid missing on this kernel")
+            );
+        }
+    }
+    cleanup(&c, test, &nodes, &["shared-tracer"]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn unsupported_nodes_are_named_in_status_and_events() {
+    let c = client().await;
+    let test = "unsup";
+    let nodes = vec!["sim-unsup-old".to_string()];
+    cleanup(&c, test, &nodes, &["unsup-tracer"]).await;
+    sim_node(&c, &nodes[0], test).await;
+    let mut answers = all_true(TRACER_QUERIES);
+    answers["type:struct linux_binprm"] = json!(false);
+    sim_profile(&c, &nodes[0], "4.19.0-27-amd64", "old", answers).await;
+    let _op = Operator::start(19472, &["--no-leader-election"]);
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    let mut p = tracer(
+        "unsup-tracer",
+        test,
+        json!({"maxUnavailable": 1, "canary": 0}),
+    );
+    // Only the tp-btf variant, which needs kernel >= 5.5.
+    p.spec.variants.retain(|v| v.name == "tp-btf");
+    bpp.create(&PostParams::default(), &p).await.unwrap();
+    let cond = wait_for("Unsupported condition", 20, || async {
+        let s = bpp.get("unsup-tracer").await.unwrap().status?;
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "Unsupported" && c.status == "True")
+    })
+    .await;
+    assert!(
+        cond.message.contains(
+            "sim-unsup-old (variant tp-btf: kernel >=5.5 kernel is 4.19.0 (4.19.0-27-amd64))"
+        ),
+        "{}",
+        cond.message
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
+    let ev = wait_for("NoEligibleVariant Event", 10, || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("NoEligibleVariant")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("unsup-tracer")
+            })
+    })
+    .await;
+    assert!(ev.note.unwrap().contains("node sim-unsup-old"));
+    assert_eq!(
+        assigned(&c, &nodes[0], "unsup-tracer").await,
+        None,
+        "nothing assigned to an unsupported node"
+    );
+    cleanup(&c, test, &nodes, &["unsup-tracer"]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn rollout_waves_canary_then_batches_then_pause_and_resume() {
+    let c = client().await;
+    let test = "waves";
+    let nodes: Vec<String> = (0..5).map(|i| format!("sim-waves-{i}")).collect();
+    cleanup(&c, test, &nodes, &["waves-tracer"]).await;
+    for n in &nodes {
+        sim_node(&c, n, test).await;
+        sim_profile(&c, n, "6.18.44-fc-v669", "waves", all_true(TRACER_QUERIES)).await;
+    }
+    let _op = Operator::start(19473, &["--no-leader-election"]);
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    bpp.create(
+        &PostParams::default(),
+        &tracer(
+            "waves-tracer",
+            test,
+            json!({"maxUnavailable": 2, "canary": 1, "pauseOnDegradedRatio": 0.5}),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let count = |c: Client, nodes: Vec<String>, gen: i64| async move {
+        let mut n = 0;
+        for node in &nodes {
+            if assigned(&c, node, "waves-tracer").await == Some(gen) {
+                n += 1;
+            }
+        }
+        n
+    };
+    wait_for("canary assigned", 20, || async {
+        (count(c.clone(), nodes.clone(), 1).await == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(c.clone(), nodes.clone(), 1).await,
+        1,
+        "only the canary before it reports"
+    );
+    assert_eq!(assigned(&c, "sim-waves-0", "waves-tracer").await, Some(1));
+    sim_report(&c, "sim-waves-0", "waves-tracer", 1, "Loaded").await;
+    wait_for("first batch of 2", 20, || async {
+        (count(c.clone(), nodes.clone(), 1).await == 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(c.clone(), nodes.clone(), 1).await,
+        3,
+        "at most maxUnavailable in flight"
+    );
+    // The batch degrades: 2 of 3 updated nodes degraded > 0.5 -> pause.
+    sim_report(&c, "sim-waves-1", "waves-tracer", 1, "Degraded").await;
+    sim_report(&c, "sim-waves-2", "waves-tracer", 1, "Degraded").await;
+    let st = wait_for("paused", 20, || async {
+        bpp.get("waves-tracer")
+            .await
+            .unwrap()
+            .status
+            .filter(|s| s.rollout.paused)
+    })
+    .await;
+    assert!(
+        st.rollout.message.contains("2 of 3 updated nodes degraded"),
+        "{}",
+        st.rollout.message
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(c.clone(), nodes.clone(), 1).await,
+        3,
+        "a paused rollout updates no further node"
+    );
+    let metrics = http_get_metrics(19473).await;
+    assert!(
+        metrics.contains("bpfpoly_rollout_paused{program=\"waves-tracer\"} 1"),
+        "{metrics}"
+    );
+
+    // A spec change resumes: a new generation starts with the canary again.
+    bpp.patch(
+        "waves-tracer",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"rollout": {"pauseOnDegradedRatio": 1.0}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("generation 2 on the canary", 20, || async {
+        (assigned(&c, "sim-waves-0", "waves-tracer").await == Some(2)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        assigned(&c, "sim-waves-4", "waves-tracer").await,
+        None,
+        "not-yet-reached nodes keep what they had (nothing)"
+    );
+    assert_eq!(
+        assigned(&c, "sim-waves-1", "waves-tracer").await,
+        Some(1),
+        "reached nodes keep the old generation until their wave"
+    );
+    cleanup(&c, test, &nodes, &["waves-tracer"]).await;
+}
+
+async fn http_get_metrics(port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn delete_waits_for_unload_and_deleted_nodes_are_cleaned_up() {
+    let c = client().await;
+    let test = "fin";
+    let nodes: Vec<String> = (0..2).map(|i| format!("sim-fin-{i}")).collect();
+    cleanup(&c, test, &nodes, &["fin-tracer"]).await;
+    for n in &nodes {
+        sim_node(&c, n, test).await;
+        sim_profile(&c, n, "6.18.44-fc-v669", "fin", all_true(TRACER_QUERIES)).await;
+    }
+    let _op = Operator::start(19474, &["--no-leader-election"]);
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    bpp.create(
+        &PostParams::default(),
+        &tracer(
+            "fin-tracer",
+            test,
+            json!({"maxUnavailable": "100%", "canary": 0}),
+        ),
+    )
+    .await
+    .unwrap();
+    for n in &nodes {
+        wait_for("assigned", 20, || async {
+            assigned(&c, n, "fin-tracer").await
+        })
+        .await;
+        sim_report(&c, n, "fin-tracer", 1, "Loaded").await;
+    }
+    let p = bpp.get("fin-tracer").await.unwrap();
+    assert!(p.finalizers().contains(&"bpfpoly.io/unload".to_string()));
+    bpp.delete("fin-tracer", &DeleteParams::default())
+        .await
+        .unwrap();
+    for n in &nodes {
+        wait_for("removed from node state", 20, || async {
+            assigned(&c, n, "fin-tracer").await.is_none().then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        bpp.get_opt("fin-tracer").await.unwrap().is_some(),
+        "deletion waits for the agents' Unloaded"
+    );
+    for n in &nodes {
+        sim_report(&c, n, "fin-tracer", 1, "Unloaded").await;
+    }
+    wait_for("program deleted", 20, || async {
+        bpp.get_opt("fin-tracer")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // A deleted Node takes its state and profile with it.
+    let nodes_api: Api<Node> = Api::all(c.clone());
+    nodes_api
+        .delete("sim-fin-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let states: Api<BpfNodeState> = Api::all(c.clone());
+    let profiles: Api<BpfNodeProfile> = Api::all(c.clone());
+    wait_for("state and profile removed", 20, || async {
+        (states.get_opt("sim-fin-1").await.unwrap().is_none()
+            && profiles.get_opt("sim-fin-1").await.unwrap().is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(
+        profiles.get_opt("sim-fin-0").await.unwrap().is_some(),
+        "other nodes untouched"
+    );
+    cleanup(&c, test, &nodes, &[]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn delete_with_an_absent_agent_times_out_into_an_event_not_a_hang() {
+    let c = client().await;
+    let test = "tmo";
+    let nodes = vec!["sim-tmo-0".to_string()];
+    cleanup(&c, test, &nodes, &["tmo-tracer"]).await;
+    sim_node(&c, &nodes[0], test).await;
+    sim_profile(
+        &c,
+        &nodes[0],
+        "6.18.44-fc-v669",
+        "tmo",
+        all_true(TRACER_QUERIES),
+    )
+    .await;
+    let _op = Operator::start(19475, &["--no-leader-election"]);
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    bpp.create(
+        &PostParams::default(),
+        &tracer(
+            "tmo-tracer",
+            test,
+            json!({"maxUnavailable": 1, "canary": 0}),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_for("assigned", 20, || async {
+        assigned(&c, &nodes[0], "tmo-tracer").await
+    })
+    .await;
+    sim_report(&c, &nodes[0], "tmo-tracer", 1, "Loaded").await;
+    bpp.delete("tmo-tracer", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The simulated agent never reports Unloaded; the operator gives up after --unload-timeout 10.
+    wait_for("deletion after the timeout", 30, || async {
+        bpp.get_opt("tmo-tracer")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
+    let ev = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| {
+            e.reason.as_deref() == Some("UnloadTimeout")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tmo-tracer")
+        });
+    assert!(ev
+        .expect("an UnloadTimeout Event")
+        .note
+        .unwrap()
+        .contains("sim-tmo-0"));
+    cleanup(&c, test, &nodes, &[]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn a_standby_takes_over_within_the_lease_duration() {
+    let c = client().await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.clone(), "default");
+    let _ = leases
+        .delete("bpfpoly-test-lease", &DeleteParams::default())
+        .await;
+    let args = ["--lease-name", "bpfpoly-test-lease", "--lease-seconds", "4"];
+    let mut a = Operator::start(19476, &[&args[..], &["--identity", "replica-a"]].concat());
+    let holder = |c: Api<k8s_openapi::api::coordination::v1::Lease>| async move {
+        c.get_opt("bpfpoly-test-lease")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    wait_for("replica-a leads", 20, || async {
+        holder(leases.clone()).await.filter(|h| h == "replica-a")
+    })
+    .await;
+    let _b = Operator::start(19477, &[&args[..], &["--identity", "replica-b"]].concat());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        holder(leases.clone()).await.as_deref(),
+        Some("replica-a"),
+        "the standby waits while the leader renews"
+    );
+    let _ = a.0.kill();
+    let _ = a.0.wait();
+    let killed = Instant::now();
+    wait_for("replica-b takes over", 20, || async {
+        holder(leases.clone()).await.filter(|h| h == "replica-b")
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_secs(4 + 3),
+        "takeover took {took:?}, lease is 4 s (+ grace and polling)"
+    );
+}
