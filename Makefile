@@ -48,6 +48,18 @@ cluster-down:
 api-test: cluster-up
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/api-test.sh
 
+## run: local control plane + operator + agents (this node and a second one on 6.1 BTF), samples applied
+run:
+	bash e2e/run.sh run
+
+## stop: stop what `make run` started, unload the programs, stop the control plane
+stop:
+	bash e2e/run.sh stop
+
+## chart-test: Helm chart lint, render, schema, install/upgrade/uninstall and RBAC on the real API server
+chart-test: cluster-up
+	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/chart-test.sh
+
 ## test: everything; what CI runs
 test: deps lint unit api-test
 
