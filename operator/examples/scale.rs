@@ -1,0 +1,197 @@
+//! Operator at scale, on the real kube-apiserver with **simulated nodes** (Node objects and
+//! BpfNodeProfile statuses written by this program; no agents, no kernel).
+//!
+//! `scale NODES PROGRAMS` creates NODES nodes on three kernel builds (three BTF digests),
+//! answers the queries on one node per build (as agents would), applies PROGRAMS programs,
+//! starts `bpfpoly-operator run` and measures the time until every node state carries every
+//! program, the operator's peak RSS, and the API requests made (`apiserver_request_total`
+//! from the server's /metrics, before and after). Prints one JSON line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::Client;
+use serde_json::json;
+
+const CONCURRENCY: usize = 48;
+
+async fn api_requests(client: &Client) -> f64 {
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(req).await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn program(i: usize) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_yaml::from_str(include_str!("../../crds/examples/exec-tracer.yaml")).unwrap();
+    v["metadata"] = json!({"name": format!("scale-{i:02}")});
+    v["spec"]["nodeSelector"] = json!({"matchLabels": {"bpfpoly.io/scale": "true"}});
+    v["spec"]["rollout"] =
+        json!({"maxUnavailable": "100%", "canary": 0, "pauseOnDegradedRatio": 1.0});
+    v
+}
+
+async fn clean(client: &Client) {
+    let lp = ListParams::default().labels("bpfpoly.io/scale=true");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let _ = nodes.delete_collection(&DeleteParams::default(), &lp).await;
+    let bpp: Api<BpfPolyProgram> = Api::all(client.clone());
+    for p in bpp.list(&ListParams::default()).await.unwrap().items {
+        let name = p.metadata.name.unwrap_or_default();
+        if name.starts_with("scale-") {
+            let _ = bpp
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+            let _ = bpp.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+    let states: Api<BpfNodeState> = Api::all(client.clone());
+    let _ = states
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let profiles: Api<BpfNodeProfile> = Api::all(client.clone());
+    let _ = profiles
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let nodes_n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(500);
+    let programs_n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20);
+    let operator = args
+        .get(3)
+        .cloned()
+        .unwrap_or_else(|| "target/release/bpfpoly-operator".into());
+    let client = Client::try_default()
+        .await
+        .expect("KUBECONFIG must point at the local API server");
+    clean(&client).await;
+
+    let queries: Vec<String> = bpfpoly_crds::select::program_queries(
+        &serde_json::from_value::<BpfPolyProgram>(program(0))
+            .unwrap()
+            .spec,
+    )
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    eprintln!("[scale] creating {nodes_n} simulated nodes on 3 kernel builds");
+    let setup = Instant::now();
+    futures::stream::iter(0..nodes_n)
+        .map(|i| {
+            let client = client.clone();
+            let queries = queries.clone();
+            async move {
+                let name = format!("scale-node-{i:05}");
+                let pp = PatchParams::apply("scale-sim").force();
+                let nodes: Api<Node> = Api::all(client.clone());
+                nodes
+                    .patch(&name, &pp, &Patch::Apply(json!({"apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": name, "labels": {"bpfpoly.io/scale": "true", "bpfpoly.io/simulated": "true"}}})))
+                    .await?;
+                let profiles: Api<BpfNodeProfile> = Api::all(client);
+                profiles
+                    .patch(&name, &pp, &Patch::Apply(json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile",
+                        "metadata": {"name": name}, "spec": {}})))
+                    .await?;
+                // The first node of each build has answered (as its agent would).
+                let answers: BTreeMap<&String, bool> =
+                    if i < 3 { queries.iter().map(|q| (q, i != 2 || !q.contains("loginuid"))).collect() } else { BTreeMap::new() };
+                let release = ["6.1.0-56-cloud-amd64", "6.6.0-1-amd64", "5.15.0-1051-azure"][i % 3];
+                let status = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "status": {
+                    "kernel": {"release": release, "version": release.split('-').next().unwrap()},
+                    "btf": {"available": true, "source": "simulated", "sha256": format!("build-{}", i % 3), "types": 100000},
+                    "programTypes": ["kprobe", "tracepoint", "tracing"], "mapTypes": ["ringbuf"], "answers": answers}});
+                profiles.patch_status(&name, &pp, &Patch::Apply(status)).await?;
+                Ok::<_, kube::Error>(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let bpp: Api<BpfPolyProgram> = Api::all(client.clone());
+    for i in 0..programs_n {
+        bpp.patch(
+            &format!("scale-{i:02}"),
+            &PatchParams::apply("scale-sim").force(),
+            &Patch::Apply(program(i)),
+        )
+        .await
+        .unwrap();
+    }
+    eprintln!(
+        "[scale] setup took {:.1}s; starting the operator",
+        setup.elapsed().as_secs_f64()
+    );
+
+    let before = api_requests(&client).await;
+    let start = Instant::now();
+    let mut child = Command::new(&operator)
+        .args([
+            "run",
+            "--no-leader-election",
+            "--metrics-addr",
+            "127.0.0.1:19480",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start the operator (build it with cargo build --release)");
+    let pid = child.id();
+    let states: Api<BpfNodeState> = Api::all(client.clone());
+    let mut peak = 0;
+    let converged = loop {
+        peak = peak.max(peak_rss_kib(pid));
+        let list = states.list(&ListParams::default()).await.unwrap();
+        let done = list
+            .items
+            .iter()
+            .filter(|s| s.spec.programs.len() == programs_n)
+            .count();
+        if done == nodes_n {
+            break start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            eprintln!("[scale] not converged after 600 s: {done}/{nodes_n}");
+            break start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    peak = peak.max(peak_rss_kib(pid));
+    let after = api_requests(&client).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "{}",
+        json!({"nodes": nodes_n, "programs": programs_n, "converge_seconds": converged.as_secs_f64(),
+               "peak_rss_mib": peak as f64 / 1024.0, "api_requests": after - before,
+               "note": "simulated nodes (Node objects + profiles written by the benchmark); the count includes the benchmark's own polling lists"})
+    );
+    clean(&client).await;
+}
