@@ -159,7 +159,14 @@ async fn main() {
             "--metrics-addr",
             "127.0.0.1:19480",
         ])
-        .stdout(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(
+            std::fs::File::create(std::env::temp_dir().join("bpfpoly-scale-operator.log"))
+                .map_or(Stdio::null(), Stdio::from),
+        )
         .stderr(Stdio::null())
         .spawn()
         .expect("cannot start the operator (build it with cargo build --release)");

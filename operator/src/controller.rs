@@ -131,6 +131,7 @@ impl FactsIndex {
 pub async fn reconcile(obj: Arc<BpfPolyProgram>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let api: Api<BpfPolyProgram> = Api::all(ctx.client.clone());
+    let obj = ensure_finalizer(&api, obj).await?;
     let result = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             Finalizer::Apply(p) => apply(p, &ctx).await,
@@ -143,6 +144,33 @@ pub async fn reconcile(obj: Arc<BpfPolyProgram>, ctx: Arc<Context>) -> Result<Ac
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     result
+}
+
+/// Adds the finalizer with a merge patch guarded by the resourceVersion. (kube's helper uses
+/// a JSON patch `test` of a missing path, which Kubernetes 1.20 rejects with 422.)
+async fn ensure_finalizer(
+    api: &Api<BpfPolyProgram>,
+    obj: Arc<BpfPolyProgram>,
+) -> Result<Arc<BpfPolyProgram>, Error> {
+    if obj.metadata.deletion_timestamp.is_some() || obj.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        return Ok(obj);
+    }
+    let mut finalizers = obj.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_string());
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": obj.resource_version(),
+    }});
+    let updated = api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    Ok(Arc::new(updated))
 }
 
 /// Requeue on error, with the error counted by kind.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -122,11 +122,14 @@ pub async fn serve_http(
     Ok(())
 }
 
-/// Starts a reflector; every change sends a trigger.
+/// Starts a reflector. A change of what `fingerprint` covers (or a deletion) sends a
+/// trigger; the operator's own spec writes to node states do not, so they cannot keep the
+/// controller busy with itself.
 fn reflect<K>(
     api: Api<K>,
     trigger: futures::channel::mpsc::UnboundedSender<()>,
     changed: Arc<tokio::sync::Notify>,
+    fingerprint: fn(&K) -> u64,
 ) -> (Store<K>, impl std::future::Future<Output = ()>)
 where
     K: kube::Resource<DynamicType = ()>
@@ -140,29 +143,41 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
-        .touched_objects();
-    let task = drive(stream, trigger, changed);
-    (reader, task)
-}
-
-async fn drive<K, S>(
-    stream: S,
-    trigger: futures::channel::mpsc::UnboundedSender<()>,
-    changed: Arc<tokio::sync::Notify>,
-) where
-    S: Stream<Item = Result<K, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(_) => {
+        .reflect(writer);
+    let task = async move {
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let fire = match item {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    let fp = fingerprint(&o);
+                    seen.insert(o.meta().name.clone().unwrap_or_default(), fp) != Some(fp)
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.remove(o.meta().name.as_deref().unwrap_or_default());
+                    true
+                }
+                Ok(watcher::Event::InitDone) => true,
+                Ok(watcher::Event::Init) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch error; retrying");
+                    false
+                }
+            };
+            if fire {
                 let _ = trigger.unbounded_send(());
                 changed.notify_one();
             }
-            Err(e) => tracing::warn!(error = %e, "watch error; retrying"),
         }
-    }
+    };
+    (reader, task)
+}
+
+fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(v).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// Runs until SIGTERM/SIGINT, or until leadership is lost (then exits non-zero so the
@@ -206,20 +221,24 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
 
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let changed = Arc::new(tokio::sync::Notify::new());
+    // Programs care about node labels, profile status and agent-reported state status.
     let (nodes, nodes_task) = reflect(
         Api::<Node>::all(client.clone()),
         tx.clone(),
         changed.clone(),
+        |n: &Node| hash_of(&n.metadata.labels),
     );
     let (profiles, profiles_task) = reflect(
         Api::<BpfNodeProfile>::all(client.clone()),
         tx.clone(),
         changed.clone(),
+        |p: &BpfNodeProfile| hash_of(&p.status),
     );
     let (states, states_task) = reflect(
         Api::<BpfNodeState>::all(client.clone()),
         tx.clone(),
         changed.clone(),
+        |s: &BpfNodeState| hash_of(&s.status),
     );
     drop(tx);
     tokio::spawn(nodes_task);
@@ -229,7 +248,8 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     let programs_api = Api::<BpfPolyProgram>::all(client.clone());
     let controller = Controller::new(programs_api, watcher::Config::default()).with_config(
         kube::runtime::controller::Config::default()
-            .debounce(Duration::from_millis(200))
+            // No debounce: a steady stream of agent reports would keep postponing reconciles.
+            // The scheduler already merges requests for a program that is queued.
             .concurrency(4),
     );
     let ctx = Arc::new(Context {
