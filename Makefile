@@ -61,7 +61,7 @@ chart-test: cluster-up
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/chart-test.sh
 
 ## test: everything; what CI runs
-test: deps lint unit api-test
+test: deps lint unit api-test chart-test
 
 clean:
 	rm -rf target ebpf/build

@@ -199,6 +199,9 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
                 .build()
                 .await?;
         let (mut leader, task) = manager.watch().await;
+        // A standby is healthy and ready: it only waits for the lease. (Otherwise the second
+        // replica never becomes Ready and rolling updates deadlock.)
+        ready.store(true, Ordering::Relaxed);
         tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
         while !*leader.borrow_and_update() {
             if leader.changed().await.is_err() {
