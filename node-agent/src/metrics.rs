@@ -42,16 +42,27 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let fallbacks = IntCounterVec::new(
-            Opts::new("bpfpoly_variant_fallbacks_total", "Fallbacks from one variant (or handler, or mechanism) to the next"),
+            Opts::new(
+                "bpfpoly_variant_fallbacks_total",
+                "Fallbacks from one variant (or handler, or mechanism) to the next",
+            ),
             &["program", "from", "to", "stage"],
         )?;
         let verifier_rejections = IntCounterVec::new(
-            Opts::new("bpfpoly_verifier_rejections_total", "Programs of a variant the verifier rejected"),
+            Opts::new(
+                "bpfpoly_verifier_rejections_total",
+                "Programs of a variant the verifier rejected",
+            ),
             &["program", "variant"],
         )?;
         let load_duration = Histogram::with_opts(
-            HistogramOpts::new("bpfpoly_load_duration_seconds", "Time from assignment to attached (or failed)")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            HistogramOpts::new(
+                "bpfpoly_load_duration_seconds",
+                "Time from assignment to attached (or failed)",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
         )?;
         registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(verifier_rejections.clone()))?;
@@ -80,49 +91,81 @@ fn scrape_families(
 ) -> Result<Vec<prometheus::proto::MetricFamily>, prometheus::Error> {
     let r = Registry::new();
     let info = IntGaugeVec::new(
-        Opts::new("bpfpoly_program_info", "The variant and dispatch mechanism running, per program"),
+        Opts::new(
+            "bpfpoly_program_info",
+            "The variant and dispatch mechanism running, per program",
+        ),
         &["program", "variant", "mechanism"],
     )?;
     let dispatch = IntCounterVec::new(
-        Opts::new("bpfpoly_dispatch_total", "Events dispatched to each key's handler (per-CPU map, summed)"),
+        Opts::new(
+            "bpfpoly_dispatch_total",
+            "Events dispatched to each key's handler (per-CPU map, summed)",
+        ),
         &["program", "key"],
     )?;
     let default_path = IntCounterVec::new(
-        Opts::new("bpfpoly_dispatch_default_total", "Events that took the entry program's default path"),
+        Opts::new(
+            "bpfpoly_dispatch_default_total",
+            "Events that took the entry program's default path",
+        ),
         &["program"],
     )?;
     let handler_degraded = IntGaugeVec::new(
-        Opts::new("bpfpoly_handler_degraded", "1 when a key's handler slot is empty on this node"),
+        Opts::new(
+            "bpfpoly_handler_degraded",
+            "1 when a key's handler slot is empty on this node",
+        ),
         &["program", "key"],
     )?;
     let config_fallbacks = IntGaugeVec::new(
-        Opts::new("bpfpoly_config_fallbacks", "1 when a config field runs with its fallback value"),
+        Opts::new(
+            "bpfpoly_config_fallbacks",
+            "1 when a config field runs with its fallback value",
+        ),
         &["program", "field"],
     )?;
     let run_seconds = prometheus::CounterVec::new(
-        Opts::new("bpfpoly_prog_run_seconds_total", "Kernel run time of each program (BPF_ENABLE_STATS)"),
+        Opts::new(
+            "bpfpoly_prog_run_seconds_total",
+            "Kernel run time of each program (BPF_ENABLE_STATS)",
+        ),
         &["program", "prog"],
     )?;
     let runs = IntCounterVec::new(
-        Opts::new("bpfpoly_prog_runs_total", "Kernel run count of each program (BPF_ENABLE_STATS)"),
+        Opts::new(
+            "bpfpoly_prog_runs_total",
+            "Kernel run count of each program (BPF_ENABLE_STATS)",
+        ),
         &["program", "prog"],
     )?;
     for p in snapshot {
-        info.with_label_values(&[&p.program, &p.variant, &p.mechanism]).set(1);
+        info.with_label_values(&[&p.program, &p.variant, &p.mechanism])
+            .set(1);
         if let Some((keys, default)) = &p.dispatch {
             for (key, n) in keys {
-                dispatch.with_label_values(&[&p.program, &key.to_string()]).inc_by(*n);
+                dispatch
+                    .with_label_values(&[&p.program, &key.to_string()])
+                    .inc_by(*n);
             }
-            default_path.with_label_values(&[&p.program]).inc_by(*default);
+            default_path
+                .with_label_values(&[&p.program])
+                .inc_by(*default);
         }
         for key in &p.empty_slots {
-            handler_degraded.with_label_values(&[&p.program, &key.to_string()]).set(1);
+            handler_degraded
+                .with_label_values(&[&p.program, &key.to_string()])
+                .set(1);
         }
         for field in &p.config_fallbacks {
-            config_fallbacks.with_label_values(&[&p.program, field]).set(1);
+            config_fallbacks
+                .with_label_values(&[&p.program, field])
+                .set(1);
         }
         for (prog, ns, count) in &p.runs {
-            run_seconds.with_label_values(&[&p.program, prog]).inc_by(*ns as f64 / 1e9);
+            run_seconds
+                .with_label_values(&[&p.program, prog])
+                .inc_by(*ns as f64 / 1e9);
             runs.with_label_values(&[&p.program, prog]).inc_by(*count);
         }
     }
@@ -143,7 +186,9 @@ mod tests {
     #[test]
     fn renders_design_names_with_bounded_labels() {
         let m = Metrics::new().unwrap();
-        m.fallbacks.with_label_values(&["exec-tracer", "kprobe", "tp-btf", "attach"]).inc();
+        m.fallbacks
+            .with_label_values(&["exec-tracer", "kprobe", "tp-btf", "attach"])
+            .inc();
         m.load_duration.observe(0.02);
         let text = m
             .render(&[ProgramSnapshot {

@@ -1,0 +1,491 @@
+//! Loading one candidate variant into the kernel: the object with its config and
+//! dispatch globals, the programs that attach, and the dispatch handlers by the
+//! chosen mechanism (tail calls, static, freplace), each handler's fate recorded.
+//! Everything loaded is pinned into the attempt's directory as it goes, so the
+//! caller can throw the whole attempt away by removing that directory.
+
+use std::{
+    collections::BTreeMap,
+    error::Error as StdError,
+    path::{Path, PathBuf},
+    sync::mpsc::{sync_channel, Receiver},
+};
+
+use aya::{
+    programs::{Program, ProgramError},
+    Btf, Ebpf, EbpfLoader,
+};
+use bpfpoly_crds::{
+    program::{Attach, Dispatch, FallbackPolicy, Variant},
+    state::{FallbackRecord, FallbackStage, HandlerState},
+};
+
+use super::{
+    dispatch,
+    object::{
+        self, Mechanism, ObjectInfo, DISPATCH_COUNTERS_MAP, DISPATCH_MODE_GLOBAL,
+        HANDLER_MASK_GLOBAL,
+    },
+    pins,
+};
+
+/// `EACCES`: what the verifier returns when it rejects a program.
+pub(super) const EACCES: i32 = 13;
+/// `EPERM`: refused before verification (e.g. no BPF trampolines for freplace/fentry).
+const EPERM: i32 = 1;
+/// Bound of the verifier log excerpt kept in status.
+pub(super) const VERIFIER_LOG_TAIL: usize = 4096;
+
+/// Why a candidate (or a part of it) did not make it.
+#[derive(Clone, Debug)]
+pub(super) struct Failure {
+    pub stage: FallbackStage,
+    pub reason: String,
+    pub verifier_log: Option<String>,
+}
+
+impl Failure {
+    pub(super) fn new(stage: FallbackStage, reason: impl Into<String>) -> Self {
+        Self {
+            stage,
+            reason: reason.into(),
+            verifier_log: None,
+        }
+    }
+}
+
+/// What loading needs from the running kernel, prepared ahead where it is slow.
+pub(super) struct Kernel {
+    /// The kernel's BTF for tp_btf/fentry/fexit targets, parsed on first need in an
+    /// apply and released at its end.
+    btf: Option<Result<Btf, String>>,
+    /// `EbpfLoader::new()` parses the kernel's BTF (10-20 ms, most of an apply); a
+    /// thread keeps one loader parsed ahead so that apply does not wait for it.
+    spare: Option<Receiver<EbpfLoader<'static>>>,
+}
+
+impl Kernel {
+    /// With `prewarm`, starts the thread that keeps a loader ready (one parsed BTF,
+    /// about 15-20 MiB, stays in memory); it ends when the `Kernel` is dropped.
+    pub(super) fn new(prewarm: bool) -> Self {
+        let spare = prewarm.then(|| {
+            // Capacity 0: the thread holds one ready loader while it waits.
+            let (tx, rx) = sync_channel::<EbpfLoader<'static>>(0);
+            let spawned = std::thread::Builder::new()
+                .name("bpfpoly-prewarm".into())
+                .spawn(move || while tx.send(EbpfLoader::new()).is_ok() {});
+            spawned.ok().map(|_| rx)
+        });
+        Self {
+            btf: None,
+            spare: spare.flatten(),
+        }
+    }
+
+    pub(super) fn set_prewarm(&mut self, on: bool) {
+        if on != self.spare.is_some() {
+            *self = Self {
+                btf: self.btf.take(),
+                ..Self::new(on)
+            };
+        }
+    }
+
+    /// Frees the parsed kernel BTF (15-20 MiB) between applies.
+    pub(super) fn release_btf(&mut self) {
+        self.btf = None;
+    }
+
+    fn btf(&mut self) -> Result<&Btf, String> {
+        self.btf
+            .get_or_insert_with(|| {
+                Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {}", chain(&e)))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// A fresh loader: the prepared one when ready, else a new one.
+    fn ebpf_loader(&mut self) -> EbpfLoader<'static> {
+        self.spare
+            .as_ref()
+            .and_then(|rx| rx.try_recv().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A failed program load: aya's error, its errno and the verifier log.
+pub(super) struct LoadError {
+    pub message: String,
+    pub errno: Option<i32>,
+    pub log: String,
+}
+
+impl LoadError {
+    pub(super) fn from_program(e: ProgramError) -> Self {
+        match e {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => Self {
+                message: format!("BPF_PROG_LOAD failed: {io_error}"),
+                errno: io_error.raw_os_error(),
+                log: verifier_log.to_string(),
+            },
+            other => Self {
+                errno: match &other {
+                    ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+                    _ => None,
+                },
+                message: chain(&other),
+                log: String::new(),
+            },
+        }
+    }
+
+    pub(super) fn other(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            errno: None,
+            log: String::new(),
+        }
+    }
+
+    /// `what` rejected, with the line of the log that says why.
+    pub(super) fn reason(&self, what: &str) -> String {
+        match log_summary(&self.log) {
+            Some(line) => format!("{what}: {}; verifier: {line}", self.message),
+            None if self.log.trim().is_empty() && self.errno == Some(EPERM) => format!(
+                "{what}: {} (refused before the verifier ran: missing privileges, or a kernel without BPF trampolines for freplace/fentry/fexit)",
+                self.message
+            ),
+            None if self.log.trim().is_empty() && self.errno.is_some() => {
+                format!("{what}: {} (no verifier log)", self.message)
+            }
+            None => format!("{what}: {}", self.message),
+        }
+    }
+
+    pub(super) fn failure(&self, stage: FallbackStage, what: &str) -> Failure {
+        Failure {
+            stage,
+            reason: self.reason(what),
+            verifier_log: log_tail(&self.log),
+        }
+    }
+}
+
+/// An error and its sources, joined.
+pub(super) fn chain(e: &dyn StdError) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// The last `VERIFIER_LOG_TAIL` bytes of a log (on a char boundary), if any.
+pub(super) fn log_tail(log: &str) -> Option<String> {
+    let log = log.trim();
+    if log.is_empty() {
+        return None;
+    }
+    let mut start = log.len().saturating_sub(VERIFIER_LOG_TAIL);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(log[start..].to_owned())
+}
+
+/// The line of a verifier log that says why: the last one that is not statistics.
+fn log_summary(log: &str) -> Option<&str> {
+    const STATS: [&str; 4] = [
+        "processed ",
+        "verification time",
+        "stack depth",
+        "max_states_per_insn",
+    ];
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
+}
+
+/// What one candidate needs to load.
+pub(super) struct Input<'a> {
+    pub variant: &'a Variant,
+    pub object: &'a [u8],
+    pub info: &'a ObjectInfo,
+    /// Resolved config: global name and native-endian value.
+    pub config: &'a [(String, Vec<u8>)],
+    /// The dispatch table, when this variant dispatches, with the mechanism to use.
+    pub dispatch: Option<(&'a Dispatch, Mechanism)>,
+    /// `auto`: a failing freplace falls back to tail calls (else it fails the variant).
+    pub auto: bool,
+    /// freplace handler object, when the variant has one (already fetched and inspected).
+    pub handler_object: Option<Result<(&'a [u8], &'a ObjectInfo), String>>,
+    pub policy: &'a FallbackPolicy,
+    /// The attempt's pin directory (exists, empty).
+    pub dir: &'a Path,
+}
+
+/// A loaded candidate, pinned, not yet attached.
+pub(super) struct Loaded {
+    /// The object whose programs attach.
+    pub ebpf: Ebpf,
+    /// Objects that must stay open until their links are pinned (freplace handlers).
+    pub extra: Vec<Ebpf>,
+    pub mechanism: Option<Mechanism>,
+    pub handlers: Vec<HandlerState>,
+    /// Degradations inside the variant (mechanism, handlers).
+    pub fallbacks: Vec<FallbackRecord>,
+    /// Kernel ids of the programs that run, by name (entry, attached, handlers).
+    pub program_ids: BTreeMap<String, u32>,
+    /// Dispatch keys, for the counters.
+    pub dispatch_keys: Vec<u32>,
+    /// freplace links pinned in the directory.
+    pub extension_links: Vec<pins::LinkRecord>,
+}
+
+/// Loads the candidate by its mechanism; `Err` means the variant is rejected.
+pub(super) fn load(input: &Input<'_>, kernel: &mut Kernel) -> Result<Loaded, Failure> {
+    let Some((dispatch, mechanism)) = input.dispatch else {
+        let mut loaded = load_attached(input, None, None, &[], kernel)?;
+        pin_common(&mut loaded, input.dir)?;
+        return Ok(loaded);
+    };
+    let mut loaded = match mechanism {
+        Mechanism::TailCall => dispatch::load_tail_call(input, dispatch, kernel)?,
+        Mechanism::Static => dispatch::load_static(input, dispatch, kernel)?,
+        Mechanism::Freplace => match dispatch::load_freplace(input, dispatch, kernel) {
+            Ok(loaded) => loaded,
+            Err(dispatch::Freplace::Variant(f)) => return Err(f),
+            Err(dispatch::Freplace::Mechanism(f)) if !input.auto => return Err(f),
+            Err(dispatch::Freplace::Mechanism(f)) => {
+                pins::empty_dir(input.dir).map_err(|e| Failure::new(FallbackStage::Attach, e))?;
+                let instead = if input.info.maps.contains_key(&dispatch.table)
+                    || !input.info.globals.contains_key(HANDLER_MASK_GLOBAL)
+                {
+                    Mechanism::TailCall
+                } else {
+                    Mechanism::Static
+                };
+                let mut loaded = match instead {
+                    Mechanism::Static => dispatch::load_static(input, dispatch, kernel)?,
+                    _ => dispatch::load_tail_call(input, dispatch, kernel)?,
+                };
+                let v = &input.variant.name;
+                loaded.fallbacks.insert(
+                    0,
+                    FallbackRecord {
+                        from: format!("{v}/freplace"),
+                        to: format!("{v}/{}", instead.as_str()),
+                        stage: f.stage,
+                        reason: f.reason,
+                        verifier_log: f.verifier_log,
+                    },
+                );
+                loaded
+            }
+        },
+    };
+    loaded.dispatch_keys = dispatch.slots.iter().map(|s| s.key).collect();
+    pin_common(&mut loaded, input.dir)?;
+    Ok(loaded)
+}
+
+/// Pins every loaded program and the dispatch counters.
+fn pin_common(loaded: &mut Loaded, dir: &Path) -> Result<(), Failure> {
+    let pin_err = |what: &str, e: &dyn StdError| {
+        Failure::new(
+            FallbackStage::Attach,
+            format!("pinning {what}: {}", chain(e)),
+        )
+    };
+    let names: Vec<String> = loaded.program_ids.keys().cloned().collect();
+    for name in names {
+        if let Some(program) = loaded.ebpf.program_mut(&name) {
+            if program.fd().is_ok() {
+                program
+                    .pin(dir.join(pins::program_pin(&name)))
+                    .map_err(|e| pin_err(&format!("program {name:?}"), &e))?;
+            }
+        }
+    }
+    // The object's other maps are pinned too, for readers (stats, event buffers);
+    // maps shared with a freplace handler object are pinned already.
+    for (name, map) in loaded.ebpf.maps() {
+        let path = if name == DISPATCH_COUNTERS_MAP {
+            dir.join(pins::DISPATCH_PIN)
+        } else if name.starts_with('.') {
+            continue;
+        } else {
+            dir.join(pins::shared_map_pin(name))
+        };
+        if !path.exists() {
+            map.pin(&path)
+                .map_err(|e| pin_err(&format!("map {name:?}"), &e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Values of `bpfpoly_dispatch_mode` and `bpfpoly_handler_mask` to write.
+#[derive(Clone, Copy)]
+pub(super) struct DispatchGlobals {
+    pub mode: Option<u32>,
+    pub mask: Option<u64>,
+}
+
+/// Parses the object, creates its maps and writes config and dispatch globals.
+pub(super) fn open_object(
+    kernel: &mut Kernel,
+    (bytes, info): (&[u8], &ObjectInfo),
+    config: &[(String, Vec<u8>)],
+    DispatchGlobals { mode, mask }: DispatchGlobals,
+    map_pins: &[(String, PathBuf)],
+    extensions: &[String],
+) -> Result<Ebpf, Failure> {
+    let has = |name: &str| info.globals.contains_key(name);
+    let mut loader = kernel.ebpf_loader();
+    for (name, value) in config {
+        if has(name) {
+            loader.override_global(name.as_str(), value.as_slice(), true);
+        }
+    }
+    if let Some(mode) = mode.as_ref().filter(|_| has(DISPATCH_MODE_GLOBAL)) {
+        loader.override_global(DISPATCH_MODE_GLOBAL, mode, true);
+    }
+    if let Some(mask) = mask.as_ref() {
+        loader.override_global(HANDLER_MASK_GLOBAL, mask, true);
+    }
+    for (name, path) in map_pins {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    for name in extensions {
+        loader.extension(name.as_str());
+    }
+    let aligned = object::Aligned::new(bytes);
+    loader.load(aligned.bytes()).map_err(|e| {
+        let (message, log) = match &e {
+            aya::EbpfError::BtfError(aya::BtfError::LoadError {
+                io_error,
+                verifier_log,
+            }) => (
+                format!("loading the object's BTF failed: {io_error}"),
+                verifier_log.to_string(),
+            ),
+            other => (
+                format!("loading the object failed: {}", chain(other)),
+                String::new(),
+            ),
+        };
+        Failure {
+            stage: FallbackStage::Verify,
+            reason: message,
+            verifier_log: log_tail(&log),
+        }
+    })
+}
+
+/// Loads `name` with the attach parameters its kind needs; returns its kernel id.
+pub(super) fn load_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    attach: Option<&Attach>,
+    kernel: &mut Kernel,
+) -> Result<u32, LoadError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| LoadError::other(format!("program {name:?} not in the object")))?;
+    let needs = |what: &str| LoadError::other(format!("program {name:?} needs attach.{what}"));
+    let result = match program {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::TracePoint(p) => p.load(),
+        Program::KProbe(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
+        Program::BtfTracePoint(p) => {
+            let target = attach
+                .and_then(|a| a.tp_btf.as_ref())
+                .ok_or_else(|| needs("tpBtf"))?;
+            let btf = kernel.btf().map_err(LoadError::other)?;
+            p.load(&target.name, btf)
+        }
+        Program::FEntry(p) => {
+            let target = attach
+                .and_then(|a| a.fentry.as_ref())
+                .ok_or_else(|| needs("fentry"))?;
+            let btf = kernel.btf().map_err(LoadError::other)?;
+            p.load(&target.function, btf)
+        }
+        Program::FExit(p) => {
+            let target = attach
+                .and_then(|a| a.fexit.as_ref())
+                .ok_or_else(|| needs("fexit"))?;
+            let btf = kernel.btf().map_err(LoadError::other)?;
+            p.load(&target.function, btf)
+        }
+        other => {
+            return Err(LoadError::other(format!(
+                "program {name:?} has a program type the agent does not load ({:?})",
+                other.prog_type()
+            )))
+        }
+    };
+    result.map_err(LoadError::from_program)?;
+    program_id(program)
+}
+
+fn program_id(program: &Program) -> Result<u32, LoadError> {
+    program
+        .info()
+        .map(|i| i.id())
+        .map_err(|e| LoadError::other(format!("reading the program id: {}", chain(&e))))
+}
+
+/// Opens the object and loads the programs that attach. Any rejection rejects the variant.
+pub(super) fn load_attached(
+    input: &Input<'_>,
+    mode: Option<u32>,
+    mask: Option<u64>,
+    map_pins: &[(String, PathBuf)],
+    kernel: &mut Kernel,
+) -> Result<Loaded, Failure> {
+    let mut ebpf = open_object(
+        kernel,
+        (input.object, input.info),
+        input.config,
+        DispatchGlobals { mode, mask },
+        map_pins,
+        &[],
+    )?;
+    let mut program_ids = BTreeMap::new();
+    for program in &input.variant.programs {
+        let Some(attach) = program.attach.as_ref() else {
+            continue;
+        };
+        let id = load_program(&mut ebpf, &program.name, Some(attach), kernel).map_err(|e| {
+            e.failure(
+                FallbackStage::Verify,
+                &format!("program {:?}", program.name),
+            )
+        })?;
+        program_ids.insert(program.name.clone(), id);
+    }
+    Ok(Loaded {
+        ebpf,
+        extra: Vec::new(),
+        mechanism: None,
+        handlers: Vec::new(),
+        fallbacks: Vec::new(),
+        program_ids,
+        dispatch_keys: Vec::new(),
+        extension_links: Vec::new(),
+    })
+}

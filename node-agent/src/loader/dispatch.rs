@@ -1,0 +1,463 @@
+//! Dispatch by mechanism: filling the slots of a loaded entry with tail calls
+//! (PROG_ARRAY), static dispatch (inlined handlers gated by `bpfpoly_handler_mask`,
+//! reloaded with a rejected handler's bit cleared) or freplace (extensions of the
+//! `bpfpoly_slot_<key>` functions). A rejected handler leaves its slot empty (its
+//! keys take the default path) or rejects the variant, as the policy says.
+
+use std::{collections::BTreeMap, error::Error as StdError, path::PathBuf};
+
+use aya::{
+    maps::ProgramArray,
+    programs::{links::FdLink, Extension},
+};
+use bpfpoly_crds::{
+    program::{Attach, Dispatch, OnHandlerReject, Variant},
+    state::{FallbackRecord, FallbackStage, HandlerState},
+};
+
+use super::{
+    candidate::{
+        chain, load_attached, load_program, open_object, DispatchGlobals, Failure, Input, Kernel,
+        LoadError, Loaded, EACCES,
+    },
+    object::{self, Mechanism, ProgramKind},
+    pins,
+};
+
+/// Static dispatch covers keys 0..=63 (bpfpoly.h).
+const STATIC_MAX_KEY: u32 = 63;
+
+/// The attach parameters of the entry (handlers of tracing types need its target).
+fn entry_attach<'a>(variant: &'a Variant, dispatch: &Dispatch) -> Option<&'a Attach> {
+    variant
+        .programs
+        .iter()
+        .find(|p| p.name == dispatch.entry)
+        .and_then(|p| p.attach.as_ref())
+}
+
+fn in_variant(variant: &Variant, handler: &str) -> bool {
+    variant.programs.iter().any(|p| p.name == handler)
+}
+
+/// Records a rejected handler: an empty slot (default path), or the variant's end.
+fn handler_rejected(
+    input: &Input<'_>,
+    key: u32,
+    handler: &str,
+    failure: Failure,
+    handlers: &mut Vec<HandlerState>,
+    fallbacks: &mut Vec<FallbackRecord>,
+) -> Result<(), Failure> {
+    if input.policy.on_handler_reject == OnHandlerReject::RejectVariant {
+        return Err(Failure {
+            stage: FallbackStage::Handler,
+            reason: format!(
+                "handler {handler:?} (key {key}) rejected and onHandlerReject is RejectVariant: {}",
+                failure.reason
+            ),
+            verifier_log: failure.verifier_log,
+        });
+    }
+    handlers.push(HandlerState {
+        key,
+        handler: handler.to_owned(),
+        state: "Empty".to_owned(),
+        reason: Some(failure.reason.clone()),
+    });
+    fallbacks.push(FallbackRecord {
+        from: handler.to_owned(),
+        to: "default-path".to_owned(),
+        stage: FallbackStage::Handler,
+        reason: format!("key {key}: {}", failure.reason),
+        verifier_log: failure.verifier_log,
+    });
+    Ok(())
+}
+
+fn slot_loaded(key: u32, handler: &str) -> HandlerState {
+    HandlerState {
+        key,
+        handler: handler.to_owned(),
+        state: "Loaded".to_owned(),
+        reason: None,
+    }
+}
+
+fn not_in_variant(key: u32, handler: &str, variant: &str) -> Failure {
+    Failure::new(
+        FallbackStage::Handler,
+        format!("handler {handler:?} (key {key}) is not a program of variant {variant:?}"),
+    )
+}
+
+pub(super) fn load_tail_call(
+    input: &Input<'_>,
+    dispatch: &Dispatch,
+    kernel: &mut Kernel,
+) -> Result<Loaded, Failure> {
+    let mut loaded = load_attached(input, Some(Mechanism::TailCall.mode()), None, &[], kernel)?;
+    loaded.mechanism = Some(Mechanism::TailCall);
+    let attach = entry_attach(input.variant, dispatch);
+    // A handler serving several keys is loaded once.
+    let mut results: BTreeMap<String, Result<u32, Failure>> = BTreeMap::new();
+    let mut fill = Vec::new();
+    for slot in &dispatch.slots {
+        if !in_variant(input.variant, &slot.handler) {
+            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
+            handler_rejected(
+                input,
+                slot.key,
+                &slot.handler,
+                f,
+                &mut loaded.handlers,
+                &mut loaded.fallbacks,
+            )?;
+            continue;
+        }
+        let result = match results.get(&slot.handler) {
+            Some(r) => r.clone(),
+            None => {
+                let r = if let Some(&id) = loaded.program_ids.get(&slot.handler) {
+                    Ok(id)
+                } else {
+                    load_program(&mut loaded.ebpf, &slot.handler, attach, kernel).map_err(|e| {
+                        e.failure(
+                            FallbackStage::Handler,
+                            &format!("handler {:?}", slot.handler),
+                        )
+                    })
+                };
+                results.insert(slot.handler.clone(), r.clone());
+                r
+            }
+        };
+        match result {
+            Ok(id) => {
+                loaded.program_ids.insert(slot.handler.clone(), id);
+                loaded.handlers.push(slot_loaded(slot.key, &slot.handler));
+                fill.push((slot.key, slot.handler.clone()));
+            }
+            Err(f) => handler_rejected(
+                input,
+                slot.key,
+                &slot.handler,
+                f,
+                &mut loaded.handlers,
+                &mut loaded.fallbacks,
+            )?,
+        }
+    }
+    // The table is pinned before it is filled: the kernel empties a PROG_ARRAY when its
+    // last user reference goes, and the pin is the reference that outlives the agent.
+    let table_err = |e: &dyn StdError| {
+        Failure::new(
+            FallbackStage::Attach,
+            format!("dispatch table {:?}: {}", dispatch.table, chain(e)),
+        )
+    };
+    let map = loaded.ebpf.take_map(&dispatch.table).ok_or_else(|| {
+        Failure::new(
+            FallbackStage::Verify,
+            format!("dispatch table {:?} not in the object", dispatch.table),
+        )
+    })?;
+    map.pin(input.dir.join(pins::TABLE_PIN))
+        .map_err(|e| table_err(&e))?;
+    let mut table = ProgramArray::try_from(map).map_err(|e| table_err(&e))?;
+    for (key, handler) in fill {
+        let program = loaded.ebpf.program(&handler).ok_or_else(|| {
+            Failure::new(
+                FallbackStage::Handler,
+                format!("handler {handler:?} vanished"),
+            )
+        })?;
+        let fd = program.fd().map_err(|e| table_err(&e))?;
+        table.set(key, fd, 0).map_err(|e| table_err(&e))?;
+    }
+    Ok(loaded)
+}
+
+/// Static dispatch: the handlers are inlined into the entry behind mask bits. A
+/// rejected handler is found (by verifying the handler programs on their own when the
+/// object has them, else by adding bits one at a time) and its bit cleared.
+pub(super) fn load_static(
+    input: &Input<'_>,
+    dispatch: &Dispatch,
+    kernel: &mut Kernel,
+) -> Result<Loaded, Failure> {
+    let mode = Some(Mechanism::Static.mode());
+    let mut handlers = Vec::new();
+    let mut fallbacks = Vec::new();
+    // key -> handler, for the keys static dispatch can serve.
+    let mut wanted: BTreeMap<u32, String> = BTreeMap::new();
+    for slot in &dispatch.slots {
+        if !in_variant(input.variant, &slot.handler) {
+            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
+            handler_rejected(
+                input,
+                slot.key,
+                &slot.handler,
+                f,
+                &mut handlers,
+                &mut fallbacks,
+            )?;
+        } else if slot.key > STATIC_MAX_KEY {
+            let f = Failure::new(
+                FallbackStage::Handler,
+                format!("static dispatch serves keys 0..={STATIC_MAX_KEY} only"),
+            );
+            handler_rejected(
+                input,
+                slot.key,
+                &slot.handler,
+                f,
+                &mut handlers,
+                &mut fallbacks,
+            )?;
+        } else {
+            wanted.insert(slot.key, slot.handler.clone());
+        }
+    }
+    let bits = |keys: &mut dyn Iterator<Item = &u32>| keys.fold(0u64, |m, k| m | (1u64 << k));
+    let full = bits(&mut wanted.keys());
+
+    let mut rejected: BTreeMap<u32, Failure> = BTreeMap::new();
+    let loaded = match load_attached(input, mode, Some(full), &[], kernel) {
+        Ok(loaded) => loaded,
+        Err(first) => {
+            // Which handlers? Verify the handler programs alone where the object has them.
+            let entry_kind = input.info.programs.get(&dispatch.entry).copied();
+            let mut probe = open_object(
+                kernel,
+                (input.object, input.info),
+                input.config,
+                DispatchGlobals {
+                    mode,
+                    mask: Some(full),
+                },
+                &[],
+                &[],
+            )?;
+            let attach = entry_attach(input.variant, dispatch);
+            for (&key, handler) in &wanted {
+                if input.info.programs.get(handler).copied() != entry_kind
+                    || entry_kind == Some(ProgramKind::Other)
+                {
+                    continue;
+                }
+                if let Err(e) = load_program(&mut probe, handler, attach, kernel) {
+                    rejected.insert(
+                        key,
+                        e.failure(FallbackStage::Handler, &format!("handler {handler:?}")),
+                    );
+                }
+            }
+            drop(probe);
+            let mask = full & !bits(&mut rejected.keys());
+            let retry = if rejected.is_empty() {
+                Err(first.clone())
+            } else {
+                load_attached(input, mode, Some(mask), &[], kernel)
+            };
+            match retry {
+                Ok(loaded) => loaded,
+                Err(_) => {
+                    // Incremental: the entry alone, then one handler at a time.
+                    rejected.clear();
+                    let mut best =
+                        load_attached(input, mode, Some(0), &[], kernel).map_err(|f| Failure {
+                            reason: format!("{} (with every handler masked off)", f.reason),
+                            ..f
+                        })?;
+                    let mut accepted = 0u64;
+                    for (&key, handler) in &wanted {
+                        match load_attached(input, mode, Some(accepted | (1 << key)), &[], kernel) {
+                            Ok(l) => {
+                                accepted |= 1 << key;
+                                best = l;
+                            }
+                            Err(f) => {
+                                rejected.insert(
+                                    key,
+                                    Failure {
+                                        stage: FallbackStage::Handler,
+                                        reason: format!(
+                                            "the entry with handler {handler:?} inlined: {}",
+                                            f.reason
+                                        ),
+                                        verifier_log: f.verifier_log,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    best
+                }
+            }
+        }
+    };
+    for (&key, handler) in &wanted {
+        match rejected.remove(&key) {
+            Some(f) => handler_rejected(input, key, handler, f, &mut handlers, &mut fallbacks)?,
+            None => handlers.push(slot_loaded(key, handler)),
+        }
+    }
+    handlers.sort_by_key(|h| h.key);
+    Ok(Loaded {
+        mechanism: Some(Mechanism::Static),
+        handlers,
+        fallbacks,
+        ..loaded
+    })
+}
+
+/// Why freplace dispatch did not happen.
+pub(super) enum Freplace {
+    /// The mechanism is unavailable (no trampolines, missing pieces): try another.
+    Mechanism(Failure),
+    /// The variant itself is rejected (entry, or a handler under RejectVariant).
+    Variant(Failure),
+}
+
+/// freplace dispatch: the entry with `bpfpoly_dispatch_mode = 2` and the maps it shares
+/// with the handler object pinned, then each handler loaded as an extension of
+/// `bpfpoly_slot_<key>` and attached.
+pub(super) fn load_freplace(
+    input: &Input<'_>,
+    dispatch: &Dispatch,
+    kernel: &mut Kernel,
+) -> Result<Loaded, Freplace> {
+    let mech = |reason: String| Freplace::Mechanism(Failure::new(FallbackStage::Handler, reason));
+    let (handler_bytes, handler_info) = match &input.handler_object {
+        None => return Err(mech("the variant has no handlerBytecode".to_owned())),
+        Some(Err(e)) => return Err(mech(format!("handler bytecode: {e}"))),
+        Some(Ok(pair)) => *pair,
+    };
+    if let Err(problems) = object::check_handler_object(handler_info, dispatch) {
+        return Err(mech(format!("handler object: {}", problems.join("; "))));
+    }
+    let missing: Vec<String> = dispatch
+        .slots
+        .iter()
+        .map(|s| object::slot_function(s.key))
+        .filter(|f| !input.info.functions.contains(f))
+        .collect();
+    if !missing.is_empty() {
+        return Err(mech(format!(
+            "the entry object lacks the slot functions {}",
+            missing.join(", ")
+        )));
+    }
+    let shared: Vec<(String, PathBuf)> = input
+        .info
+        .maps
+        .keys()
+        .filter(|m| handler_info.maps.contains_key(*m))
+        .map(|m| (m.clone(), input.dir.join(pins::shared_map_pin(m))))
+        .collect();
+    let mut loaded = load_attached(
+        input,
+        Some(Mechanism::Freplace.mode()),
+        None,
+        &shared,
+        kernel,
+    )
+    .map_err(Freplace::Variant)?;
+    loaded.mechanism = Some(Mechanism::Freplace);
+    let target = loaded
+        .ebpf
+        .program(&dispatch.entry)
+        .ok_or_else(|| {
+            mech(format!(
+                "entry {:?} is not an attached program",
+                dispatch.entry
+            ))
+        })?
+        .fd()
+        .map_err(|e| mech(format!("entry {:?}: {}", dispatch.entry, chain(&e))))?
+        .try_clone()
+        .map_err(|e| mech(format!("entry fd: {}", chain(&e))))?;
+    let extensions: Vec<String> = dispatch.slots.iter().map(|s| s.handler.clone()).collect();
+    let mut handlers_ebpf = open_object(
+        kernel,
+        (handler_bytes, handler_info),
+        input.config,
+        DispatchGlobals {
+            mode: None,
+            mask: None,
+        },
+        &shared,
+        &extensions,
+    )
+    .map_err(|f| {
+        Freplace::Mechanism(Failure {
+            stage: FallbackStage::Handler,
+            ..f
+        })
+    })?;
+    for slot in &dispatch.slots {
+        let func = object::slot_function(slot.key);
+        let what = format!("freplace of {func} by {:?}", slot.handler);
+        if !in_variant(input.variant, &slot.handler) {
+            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
+            handler_rejected(
+                input,
+                slot.key,
+                &slot.handler,
+                f,
+                &mut loaded.handlers,
+                &mut loaded.fallbacks,
+            )
+            .map_err(Freplace::Variant)?;
+            continue;
+        }
+        let ext: &mut Extension = handlers_ebpf
+            .program_mut(&slot.handler)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| mech(format!("{what}: not an extension program")))?;
+        let fd = target
+            .try_clone()
+            .map_err(|e| mech(format!("entry fd: {}", chain(&e))))?;
+        if let Err(e) = ext.load(fd, &func) {
+            let e = LoadError::from_program(e);
+            if e.errno == Some(EACCES) && !e.log.trim().is_empty() {
+                // The verifier looked at it and said no: this handler, not the mechanism.
+                let f = e.failure(FallbackStage::Handler, &what);
+                handler_rejected(
+                    input,
+                    slot.key,
+                    &slot.handler,
+                    f,
+                    &mut loaded.handlers,
+                    &mut loaded.fallbacks,
+                )
+                .map_err(Freplace::Variant)?;
+                continue;
+            }
+            return Err(Freplace::Mechanism(
+                e.failure(FallbackStage::Handler, &what),
+            ));
+        }
+        let id = ext
+            .info()
+            .map(|i| i.id())
+            .map_err(|e| mech(format!("{what}: {}", chain(&e))))?;
+        let link_id = ext
+            .attach()
+            .map_err(|e| mech(format!("{what}: attaching: {}", chain(&e))))?;
+        let link: FdLink = ext
+            .take_link(link_id)
+            .map_err(|e| mech(format!("{what}: {}", chain(&e))))?
+            .into();
+        let record = pins::pin_link(link, input.dir, &slot.handler, "freplace", &func, None)
+            .map_err(mech)?;
+        ext.pin(input.dir.join(pins::program_pin(&slot.handler)))
+            .map_err(|e| mech(format!("{what}: pinning: {}", chain(&e))))?;
+        loaded.extension_links.push(record);
+        loaded.program_ids.insert(slot.handler.clone(), id);
+        loaded.handlers.push(slot_loaded(slot.key, &slot.handler));
+    }
+    loaded.extra.push(handlers_ebpf);
+    Ok(loaded)
+}

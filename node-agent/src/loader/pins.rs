@@ -1,0 +1,292 @@
+//! The pin layout on bpffs and what is recorded there.
+//!
+//! ```text
+//! <root>/<program>/<digest>/      one directory per loaded assignment
+//!     meta                        ARRAY map: JSON record (digest, status, links); written last
+//!     prog_<name>                 every program that runs (entry, attached, handlers)
+//!     link_<prog>_<kind>_<target> every attachment (bpf_link), so it outlives the agent
+//!     jump_table                  the PROG_ARRAY (tail calls): pinned, or the kernel empties it
+//!     bpfpoly_dispatch            per-CPU dispatch counters, for metrics after a restart
+//!     map_<name>                  the object's other maps (stats, event buffers), for
+//!                                 readers; shared with a freplace handler object
+//! ```
+//!
+//! Pins are what keeps things alive: links keep programs attached, the pinned
+//! PROG_ARRAY keeps its entries (the kernel empties it when the last user reference
+//! goes), and nothing depends on the agent's file descriptors, so SIGTERM or SIGKILL
+//! leaves everything running. Removing the directory detaches and unloads it all.
+//!
+//! bpffs refuses names containing `.`, so names are escaped (`.` and anything
+//! outside `[A-Za-z0-9_-]` become `+`). The record in `meta` is the source of truth
+//! for names; directory names are only for humans and lookups.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use aya::{
+    maps::{Array, Map, MapData},
+    programs::links::FdLink,
+};
+use aya_obj::{
+    maps::{bpf_map_def, LegacyMap, PinningType},
+    EbpfSectionKind,
+};
+use serde::{Deserialize, Serialize};
+
+use super::candidate::chain;
+
+/// The record of a loaded assignment.
+pub(super) const META_PIN: &str = "meta";
+/// The tail-call table.
+pub(super) const TABLE_PIN: &str = "jump_table";
+/// The dispatch counters.
+pub(super) const DISPATCH_PIN: &str = "bpfpoly_dispatch";
+
+/// Value size of the `meta` map; the JSON is split over as many entries as it needs.
+const META_VALUE: usize = 4096;
+/// `BPF_MAP_TYPE_ARRAY`.
+const MAP_TYPE_ARRAY: u32 = 2;
+/// The record format.
+pub(super) const META_VERSION: u32 = 1;
+/// Bound on the record size (a status with 32 verifier-log excerpts fits easily).
+const META_MAX_ENTRIES: u32 = 256;
+
+/// Escapes a name for bpffs: `.` (refused by bpffs) and anything unusual become `+`.
+pub(super) fn escape(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '+'
+            }
+        })
+        .collect()
+}
+
+/// Pin name of a program.
+pub(super) fn program_pin(name: &str) -> String {
+    format!("prog_{}", escape(name))
+}
+
+/// Pin name of a map shared with a freplace handler object.
+pub(super) fn shared_map_pin(name: &str) -> String {
+    format!("map_{}", escape(name))
+}
+
+/// One attachment of a running program.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkRecord {
+    /// Program (C function name).
+    pub program: String,
+    /// `xdp`, `tc`, `tracepoint`, `tpBtf`, `rawTracepoint`, `kprobe`, `fentry`, `fexit`, `freplace`.
+    pub kind: String,
+    /// Interface, tracepoint, function or slot.
+    pub target: String,
+    /// XDP mode (`skb`/`driver`) or TC direction (`ingress`/`egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Pin file name in the program's directory.
+    pub pin: String,
+    /// Kernel link id.
+    pub link_id: u32,
+    /// Kernel id of the program the link runs.
+    pub program_id: u32,
+}
+
+/// Pins `link` as `link_<program>_<kind>_<target>` in `dir` and records it.
+pub(super) fn pin_link(
+    link: FdLink,
+    dir: &Path,
+    program: &str,
+    kind: &str,
+    target: &str,
+    mode: Option<&str>,
+) -> Result<LinkRecord, String> {
+    let info = link
+        .info()
+        .map_err(|e| format!("reading link info: {}", chain(&e)))?;
+    let pin = format!(
+        "link_{}_{}_{}",
+        escape(program),
+        escape(kind),
+        escape(target)
+    );
+    let pin = match mode {
+        Some(m) if kind == "tc" => format!("{pin}_{m}"),
+        _ => pin,
+    };
+    link.pin(dir.join(&pin))
+        .map_err(|e| format!("pinning the {kind} link of {program:?}: {}", chain(&e)))?;
+    Ok(LinkRecord {
+        program: program.to_owned(),
+        kind: kind.to_owned(),
+        target: target.to_owned(),
+        mode: mode.map(str::to_owned),
+        pin,
+        link_id: info.id(),
+        program_id: info.program_id(),
+    })
+}
+
+/// Removes everything in `dir` (an attempt's directory), keeping the directory.
+pub(super) fn empty_dir(dir: &Path) -> Result<(), String> {
+    let entries = fs::read_dir(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .map_err(|e| format!("listing {}: {e}", dir.display()))?
+            .path();
+        let result = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        result.map_err(|e| format!("removing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes `dir` and everything pinned under it; a missing directory is fine.
+pub(super) fn remove_dir(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Writes `json` into a new `meta` ARRAY map pinned in `dir`.
+pub(super) fn write_meta(dir: &Path, json: &[u8]) -> Result<(), String> {
+    let total = json.len() + 4;
+    let entries = total.div_ceil(META_VALUE);
+    let entries = u32::try_from(entries)
+        .ok()
+        .filter(|&n| n <= META_MAX_ENTRIES)
+        .ok_or_else(|| format!("the record is too large ({} bytes)", json.len()))?;
+    let def = bpf_map_def {
+        map_type: MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: META_VALUE as u32,
+        max_entries: entries,
+        map_flags: 0,
+        id: 0,
+        pinning: PinningType::None,
+    };
+    let obj = aya_obj::Map::Legacy(LegacyMap {
+        def,
+        inner_def: None,
+        section_index: 0,
+        section_kind: EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    let data = MapData::create(obj, "bpfpoly_meta", None)
+        .map_err(|e| format!("creating the meta map: {}", chain(&e)))?;
+    let mut map = Map::from_map_data(data).map_err(|e| format!("meta map: {}", chain(&e)))?;
+    let mut array: Array<&mut MapData, [u8; META_VALUE]> =
+        Array::try_from(&mut map).map_err(|e| format!("meta map: {}", chain(&e)))?;
+    let mut bytes = Vec::with_capacity(entries as usize * META_VALUE);
+    bytes.extend_from_slice(&(json.len() as u32).to_ne_bytes());
+    bytes.extend_from_slice(json);
+    bytes.resize(entries as usize * META_VALUE, 0);
+    for (index, chunk) in bytes.chunks(META_VALUE).enumerate() {
+        let mut value = [0u8; META_VALUE];
+        value.copy_from_slice(chunk);
+        array
+            .set(index as u32, value, 0)
+            .map_err(|e| format!("writing the meta map: {}", chain(&e)))?;
+    }
+    // Pinned once complete: a directory without `meta` is an interrupted attempt.
+    map.pin(dir.join(META_PIN))
+        .map_err(|e| format!("pinning the meta map: {}", chain(&e)))
+}
+
+/// Reads the JSON written by `write_meta`.
+pub(super) fn read_meta(dir: &Path) -> Result<Vec<u8>, String> {
+    let path = dir.join(META_PIN);
+    let data =
+        MapData::from_pin(&path).map_err(|e| format!("{}: {}", path.display(), chain(&e)))?;
+    let map = Map::from_map_data(data).map_err(|e| format!("{}: {}", path.display(), chain(&e)))?;
+    let array: Array<MapData, [u8; META_VALUE]> =
+        Array::try_from(map).map_err(|e| format!("{}: {}", path.display(), chain(&e)))?;
+    let mut bytes = Vec::new();
+    for index in 0..array.len() {
+        let value = array
+            .get(&index, 0)
+            .map_err(|e| format!("{}: {}", path.display(), chain(&e)))?;
+        bytes.extend_from_slice(&value);
+    }
+    let len = bytes
+        .get(..4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| format!("{}: empty record", path.display()))?;
+    bytes
+        .get(4..4 + len)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| format!("{}: truncated record", path.display()))
+}
+
+/// The filesystem type mounted at the mount point that holds `path`.
+fn fs_type_of(path: &Path) -> Option<(PathBuf, String)> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            // /proc/mounts escapes spaces as \040; bpffs paths have none.
+            let dir = PathBuf::from(dir.replace("\\040", " "));
+            path.starts_with(&dir).then(|| (dir, fstype.to_owned()))
+        })
+        .max_by_key(|(dir, _)| dir.components().count())
+}
+
+/// Makes sure `root` is on a bpffs, mounting `/sys/fs/bpf` when it is not mounted.
+pub(super) fn ensure_bpffs(root: &Path) -> Result<(), String> {
+    const BPFFS: &str = "/sys/fs/bpf";
+    if fs_type_of(root).is_some_and(|(_, t)| t == "bpf") {
+        return Ok(());
+    }
+    if root.starts_with(BPFFS) && fs_type_of(Path::new(BPFFS)).is_none_or(|(_, t)| t != "bpf") {
+        mount("bpf", BPFFS)?;
+    }
+    match fs_type_of(root) {
+        Some((_, t)) if t == "bpf" => Ok(()),
+        Some((dir, t)) => Err(format!(
+            "{} is on {t} (mounted at {}), not bpffs: pins would not outlive the agent",
+            root.display(),
+            dir.display()
+        )),
+        None => Err(format!("{} is on no mounted filesystem", root.display())),
+    }
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when it is not (tracepoint attach reads it).
+pub(super) fn ensure_tracefs() -> Result<(), String> {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    if fs_type_of(Path::new(TRACEFS))
+        .is_some_and(|(dir, t)| t == "tracefs" && dir == Path::new(TRACEFS))
+    {
+        return Ok(());
+    }
+    mount("tracefs", TRACEFS)
+}
+
+fn mount(fstype: &str, target: &str) -> Result<(), String> {
+    let output = Command::new("mount")
+        .args(["-t", fstype, fstype, target])
+        .output()
+        .map_err(|e| format!("running mount -t {fstype} {fstype} {target}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount -t {fstype} {fstype} {target} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}

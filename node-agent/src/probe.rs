@@ -1,0 +1,408 @@
+//! Feature probes against the running kernel (aya's `is_*_supported`, which load
+//! a trivial program or create a tiny map and read the error).
+//!
+//! Probes can be wrong (vendor kernels, LSMs, trampolines that need more than the
+//! probe tries), so what they say is kept apart from what a real load shows
+//! (`observedProgramTypes`); a probe that cannot decide says why in a note rather
+//! than guessing.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::MapType,
+    programs::{LsmAttachType, ProgramError, ProgramType},
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+};
+use bpfpoly_crds::requirement::{helper_id, Query, MAP_TYPES, PROGRAM_TYPES};
+
+/// What the probes found on the running kernel.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Probed {
+    /// Program types the probes report as supported (bpftool names, table order).
+    pub program_types: Vec<String>,
+    /// Map types the probes report as supported (bpftool names, table order).
+    pub map_types: Vec<String>,
+    /// Answers to `helper:` queries, keyed by the query string.
+    pub helpers: BTreeMap<String, bool>,
+    /// Probes that could not decide, and why.
+    pub notes: Vec<String>,
+    /// Wall time of the probes.
+    pub duration: Duration,
+}
+
+/// Why a helper probe gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The program type is not one of `PROGRAM_TYPES`.
+    #[error("unknown program type {0:?}")]
+    UnknownProgramType(String),
+    /// The helper is not one this agent's loader knows.
+    #[error("unknown helper {0:?}")]
+    UnknownHelper(String),
+    /// The program type needs an attach target a bare probe cannot provide.
+    #[error("helpers of {0} programs cannot be probed without an attach target")]
+    NotProbeable(String),
+    /// The probe syscall failed in a way that decides nothing (e.g. EPERM).
+    #[error("probe of {what} failed: {reason}")]
+    Failed {
+        /// What was probed.
+        what: String,
+        /// The error.
+        reason: String,
+    },
+}
+
+/// Probes every program type and map type, and the helpers `queries` ask about.
+pub fn probe_all(queries: &[Query]) -> Probed {
+    let start = Instant::now();
+    let mut probed = probe_features();
+    if probed.notes.iter().any(|n| n.starts_with(PROBES_SKIPPED)) {
+        return probed;
+    }
+    for query in queries {
+        let Query::Helper {
+            program_type,
+            helper,
+        } = query
+        else {
+            continue;
+        };
+        let key = query.to_string();
+        let answer = match probe_helper(program_type, helper) {
+            Ok((answer, how)) => {
+                if how == HelperProbe::RawTracepointProxy {
+                    probed.notes.push(format!(
+                        "{key}: probed with a raw_tracepoint program ({program_type} programs \
+                         need an attach target to load); true is reliable, false may miss a \
+                         helper only {program_type} programs have"
+                    ));
+                }
+                answer
+            }
+            Err(e) => {
+                probed.notes.push(format!("{key}: answered false: {e}"));
+                false
+            }
+        };
+        probed.helpers.insert(key, answer);
+    }
+    probed.duration = start.elapsed();
+    probed
+}
+
+const PROBES_SKIPPED: &str = "feature probes skipped";
+
+/// Probes every program type and map type of the API tables.
+pub fn probe_features() -> Probed {
+    let start = Instant::now();
+    let mut probed = Probed::default();
+
+    // Without CAP_BPF every probe fails the same way: say it once.
+    if let Err(e) = is_map_supported(MapType::Array) {
+        if e.io_error.kind() == io::ErrorKind::PermissionDenied {
+            probed.notes.push(format!(
+                "{PROBES_SKIPPED}: creating a BPF map was refused ({}); \
+                 run the agent as root or with CAP_BPF",
+                e.io_error
+            ));
+            probed.duration = start.elapsed();
+            return probed;
+        }
+    }
+
+    for (name, _) in PROGRAM_TYPES {
+        let Some(pt) = program_type(name) else {
+            probed
+                .notes
+                .push(format!("program type {name}: not known to the loader"));
+            continue;
+        };
+        match is_program_supported(pt) {
+            Ok(true) => probed.program_types.push((*name).to_string()),
+            Ok(false) => {}
+            Err(e) => probed.notes.push(format!(
+                "program type {name}: probe inconclusive ({}); a real load decides",
+                program_error(&e)
+            )),
+        }
+    }
+    for (name, _) in MAP_TYPES {
+        if let Some(id) = LOCAL_STORAGE_MAPS
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+        {
+            match local_storage_supported(id) {
+                Ok(true) => probed.map_types.push((*name).to_string()),
+                Ok(false) => {}
+                Err(e) => probed
+                    .notes
+                    .push(format!("map type {name}: probe inconclusive ({e})")),
+            }
+            continue;
+        }
+        let Some(mt) = map_type(name) else {
+            probed
+                .notes
+                .push(format!("map type {name}: not known to the loader"));
+            continue;
+        };
+        match is_map_supported(mt) {
+            Ok(true) => probed.map_types.push((*name).to_string()),
+            Ok(false) => {}
+            Err(e) => probed.notes.push(format!(
+                "map type {name}: probe inconclusive ({})",
+                e.io_error
+            )),
+        }
+    }
+    probed.duration = start.elapsed();
+    probed
+}
+
+/// The local-storage map types, with their `enum bpf_map_type` numbers.
+const LOCAL_STORAGE_MAPS: &[(&str, u32)] = &[
+    ("sk_storage", 24),
+    ("inode_storage", 28),
+    ("task_storage", 29),
+    ("cgrp_storage", 32),
+];
+
+/// Probes a local-storage map type without creating a map.
+///
+/// aya's probe makes the kernel allocate the map and then fail on a bad BTF fd;
+/// that error path frees the map synchronously, waiting for RCU (tasks-trace)
+/// grace periods: 30–300 ms per type here. The kernel's `map_alloc_check` for
+/// these types rejects an oversized value with E2BIG before allocating
+/// anything, while a map type the kernel lacks is EINVAL (no ops for it).
+fn local_storage_supported(map_type: u32) -> io::Result<bool> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, BPF_F_NO_PREALLOC};
+    // SAFETY: `bpf_attr` is a union of plain integers; all-zero is valid.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the map-create member of a zeroed union.
+    let create = unsafe { &mut attr.__bindgen_anon_1 };
+    create.map_type = map_type;
+    create.key_size = 4;
+    create.value_size = u32::MAX;
+    create.max_entries = 0;
+    create.map_flags = BPF_F_NO_PREALLOC;
+    create.btf_key_type_id = 1;
+    create.btf_value_type_id = 1;
+    // SAFETY: BPF_MAP_CREATE reads `size_of::<bpf_attr>()` bytes from a valid,
+    // initialized `bpf_attr` and returns a new fd or -1.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_MAP_CREATE as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret >= 0 {
+        // Not expected (the value size is impossible), but a map means support.
+        if let Ok(fd) = std::os::fd::RawFd::try_from(ret) {
+            // SAFETY: the syscall returned a new fd that nothing else owns.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::E2BIG) => Ok(true),
+        Some(libc::EINVAL) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// How a helper answer was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelperProbe {
+    /// A probe program of the asked type.
+    Direct,
+    /// A raw_tracepoint probe stands in for tracing and lsm, whose programs need a
+    /// BTF attach target to load. Both can call every raw_tracepoint helper; their
+    /// own extras (e.g. `bpf_get_func_ip`, `bpf_d_path`) may read as false.
+    RawTracepointProxy,
+}
+
+/// Whether `helper` (with `bpf_` prefix) may be called from `program_type`
+/// programs on the running kernel.
+pub fn probe_helper(program_type: &str, helper: &str) -> Result<(bool, HelperProbe), ProbeError> {
+    let (pt, how) = match program_type {
+        "tracing" | "lsm" => (ProgramType::RawTracePoint, HelperProbe::RawTracepointProxy),
+        "ext" | "struct_ops" => return Err(ProbeError::NotProbeable(program_type.to_string())),
+        other => (
+            self::program_type(other)
+                .ok_or_else(|| ProbeError::UnknownProgramType(other.to_string()))?,
+            HelperProbe::Direct,
+        ),
+    };
+    let id = bpf_helper(helper).ok_or_else(|| ProbeError::UnknownHelper(helper.to_string()))?;
+    is_helper_supported(pt, id)
+        .map(|ok| (ok, how))
+        .map_err(|e| ProbeError::Failed {
+            what: format!("{helper} for {program_type}"),
+            reason: program_error(&e),
+        })
+}
+
+fn program_error(e: &ProgramError) -> String {
+    match e {
+        ProgramError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
+        other => other.to_string(),
+    }
+}
+
+/// The loader's helper id for a `bpf_`-prefixed helper name.
+fn bpf_helper(name: &str) -> Option<BpfHelper> {
+    let id = helper_id(name)?;
+    if id == 0 || id >= BpfHelper::__BPF_FUNC_MAX_ID as u32 {
+        return None;
+    }
+    // SAFETY: `bpf_func_id` is `#[repr(u32)]` and, like the kernel's enum, numbers
+    // its variants densely from 0 to `__BPF_FUNC_MAX_ID`; `id` is in that range.
+    // The test `helper_ids_match_the_loader` checks every id against its name.
+    Some(unsafe { std::mem::transmute::<u32, BpfHelper>(id) })
+}
+
+/// The loader's program type for a bpftool program type name.
+pub fn program_type(name: &str) -> Option<ProgramType> {
+    Some(match name {
+        "socket_filter" => ProgramType::SocketFilter,
+        "kprobe" => ProgramType::KProbe,
+        "sched_cls" => ProgramType::SchedClassifier,
+        "sched_act" => ProgramType::SchedAction,
+        "tracepoint" => ProgramType::TracePoint,
+        "xdp" => ProgramType::Xdp,
+        "perf_event" => ProgramType::PerfEvent,
+        "cgroup_skb" => ProgramType::CgroupSkb,
+        "cgroup_sock" => ProgramType::CgroupSock,
+        "lwt_in" => ProgramType::LwtInput,
+        "lwt_out" => ProgramType::LwtOutput,
+        "lwt_xmit" => ProgramType::LwtXmit,
+        "sock_ops" => ProgramType::SockOps,
+        "sk_skb" => ProgramType::SkSkb,
+        "cgroup_device" => ProgramType::CgroupDevice,
+        "sk_msg" => ProgramType::SkMsg,
+        "raw_tracepoint" => ProgramType::RawTracePoint,
+        "cgroup_sock_addr" => ProgramType::CgroupSockAddr,
+        "lwt_seg6local" => ProgramType::LwtSeg6local,
+        "lirc_mode2" => ProgramType::LircMode2,
+        "sk_reuseport" => ProgramType::SkReuseport,
+        "flow_dissector" => ProgramType::FlowDissector,
+        "cgroup_sysctl" => ProgramType::CgroupSysctl,
+        "raw_tracepoint_writable" => ProgramType::RawTracePointWritable,
+        "cgroup_sockopt" => ProgramType::CgroupSockopt,
+        "tracing" => ProgramType::Tracing,
+        "struct_ops" => ProgramType::StructOps,
+        "ext" => ProgramType::Extension,
+        "lsm" => ProgramType::Lsm(LsmAttachType::Mac),
+        "sk_lookup" => ProgramType::SkLookup,
+        "syscall" => ProgramType::Syscall,
+        "netfilter" => ProgramType::Netfilter,
+        _ => return None,
+    })
+}
+
+/// The loader's map type for a bpftool map type name.
+pub fn map_type(name: &str) -> Option<MapType> {
+    Some(match name {
+        "hash" => MapType::Hash,
+        "array" => MapType::Array,
+        "prog_array" => MapType::ProgramArray,
+        "perf_event_array" => MapType::PerfEventArray,
+        "percpu_hash" => MapType::PerCpuHash,
+        "percpu_array" => MapType::PerCpuArray,
+        "stack_trace" => MapType::StackTrace,
+        "cgroup_array" => MapType::CgroupArray,
+        "lru_hash" => MapType::LruHash,
+        "lru_percpu_hash" => MapType::LruPerCpuHash,
+        "lpm_trie" => MapType::LpmTrie,
+        "array_of_maps" => MapType::ArrayOfMaps,
+        "hash_of_maps" => MapType::HashOfMaps,
+        "devmap" => MapType::DevMap,
+        "sockmap" => MapType::SockMap,
+        "cpumap" => MapType::CpuMap,
+        "xskmap" => MapType::XskMap,
+        "sockhash" => MapType::SockHash,
+        "cgroup_storage" => MapType::CgroupStorage,
+        "reuseport_sockarray" => MapType::ReuseportSockArray,
+        "percpu_cgroup_storage" => MapType::PerCpuCgroupStorage,
+        "queue" => MapType::Queue,
+        "stack" => MapType::Stack,
+        "sk_storage" => MapType::SkStorage,
+        "devmap_hash" => MapType::DevMapHash,
+        "struct_ops" => MapType::StructOps,
+        "ringbuf" => MapType::RingBuf,
+        "inode_storage" => MapType::InodeStorage,
+        "task_storage" => MapType::TaskStorage,
+        "bloom_filter" => MapType::BloomFilter,
+        "user_ringbuf" => MapType::UserRingBuf,
+        "cgrp_storage" => MapType::CgrpStorage,
+        "arena" => MapType::Arena,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya_obj::generated::bpf_prog_type;
+    use bpfpoly_crds::helpers::HELPERS;
+
+    #[test]
+    fn program_type_names_match_kernel_numbers() {
+        for (name, id) in PROGRAM_TYPES {
+            let pt = program_type(name).unwrap_or_else(|| panic!("{name} unmapped"));
+            assert_eq!(bpf_prog_type::from(pt) as u32, *id, "{name}");
+        }
+        assert!(program_type("nope").is_none());
+    }
+
+    #[test]
+    fn map_type_names_match_kernel_numbers() {
+        for (name, id) in MAP_TYPES {
+            let mt = map_type(name).unwrap_or_else(|| panic!("{name} unmapped"));
+            assert_eq!(mt as u32, *id, "{name}");
+        }
+        assert!(map_type("nope").is_none());
+    }
+
+    #[test]
+    fn helper_ids_match_the_loader() {
+        for (name, id) in HELPERS {
+            if *id >= BpfHelper::__BPF_FUNC_MAX_ID as u32 {
+                assert!(bpf_helper(name).is_none());
+                continue;
+            }
+            let helper = bpf_helper(name).unwrap_or_else(|| panic!("{name} unmapped"));
+            let expected = format!("BPF_FUNC_{}", name.trim_start_matches("bpf_"));
+            assert_eq!(format!("{helper:?}"), expected);
+            assert_eq!(helper as u32, *id);
+        }
+        assert!(bpf_helper("bpf_no_such_helper").is_none());
+    }
+
+    #[test]
+    fn local_storage_table_matches_the_api() {
+        for (name, id) in LOCAL_STORAGE_MAPS {
+            assert!(MAP_TYPES.contains(&(*name, *id)), "{name}");
+        }
+    }
+
+    #[test]
+    fn helpers_of_targetless_types_are_not_probed() {
+        assert!(matches!(
+            probe_helper("ext", "bpf_map_lookup_elem"),
+            Err(ProbeError::NotProbeable(_))
+        ));
+        assert!(matches!(
+            probe_helper("nope", "bpf_map_lookup_elem"),
+            Err(ProbeError::UnknownProgramType(_))
+        ));
+    }
+}
