@@ -59,13 +59,26 @@ async fn clean(client: &Client) {
             let _ = bpp.delete(&name, &DeleteParams::default()).await;
         }
     }
+    // Only the benchmark's own nodes' objects: the cluster may be shared with `make run`.
     let states: Api<BpfNodeState> = Api::all(client.clone());
-    let _ = states
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await;
     let profiles: Api<BpfNodeProfile> = Api::all(client.clone());
-    let _ = profiles
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(l) = profiles.list(&ListParams::default()).await {
+        names.extend(l.items.into_iter().filter_map(|p| p.metadata.name));
+    }
+    if let Ok(l) = states.list(&ListParams::default()).await {
+        names.extend(l.items.into_iter().filter_map(|p| p.metadata.name));
+    }
+    names.sort();
+    names.dedup();
+    futures::stream::iter(names.into_iter().filter(|n| n.starts_with("scale-node-")))
+        .for_each_concurrent(CONCURRENCY, |n| {
+            let (states, profiles) = (states.clone(), profiles.clone());
+            async move {
+                let _ = states.delete(&n, &DeleteParams::default()).await;
+                let _ = profiles.delete(&n, &DeleteParams::default()).await;
+            }
+        })
         .await;
 }
 
