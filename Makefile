@@ -61,7 +61,11 @@ chart-test: cluster-up
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/chart-test.sh
 
 ## test: everything; what CI runs
-test: deps lint unit api-test chart-test
+## e2e: the end-to-end scenarios on the real stack
+e2e:
+	bash e2e/e2e.sh
+
+test: deps lint unit api-test chart-test e2e
 
 clean:
 	rm -rf target ebpf/build

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make e2e`: the end-to-end scenarios on the real stack (`make run`), as root.
+# Starts the stack when it is not running, and stops it afterwards only in that case.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export KUBECONFIG="${KUBECONFIG:-$REPO/.run/cluster/kubeconfig}"
+[ "$(id -u)" = 0 ] || { echo "e2e loads eBPF programs: run it as root" >&2; exit 1; }
+started=0
+if ! [ -f "$REPO/.run/operator.pid" ] || ! kill -0 "$(cat "$REPO/.run/operator.pid")" 2>/dev/null; then
+  started=1
+fi
+bash "$REPO/e2e/run.sh" run >"$REPO/.run/e2e-run.log" 2>&1 || { tail -40 "$REPO/.run/e2e-run.log"; exit 1; }
+echo "[bpfpoly] e2e: stack up (make run output in .run/e2e-run.log)"
+rc=0
+python3 "$REPO/e2e/e2e_test.py" || rc=$?
+if [ $rc -ne 0 ]; then
+  for f in operator agent-local agent-old-kernel; do echo "--- .run/$f.log (tail)"; tail -15 "$REPO/.run/$f.log"; done
+fi
+if [ $started = 1 ]; then bash "$REPO/e2e/run.sh" stop >/dev/null 2>&1 || true; fi
+exit $rc
