@@ -385,6 +385,19 @@ impl Agent {
         }
         status.observed_program_types = self.observed.iter().cloned().collect();
         status.agent_version = env!("CARGO_PKG_VERSION").to_string();
+        let mut status = serde_json::to_value(&status)
+            .map_err(|e| AgentError::Client(format!("profile status: {e}")))?;
+        if status["answers"].as_object().is_some_and(|a| a.is_empty()) {
+            // Kubernetes 1.20's server-side apply turns a map whose last owned keys are
+            // removed into null, which the schema refuses (422), e.g. on a restart after the
+            // node answered queries: clear it with a merge patch and leave it out of the apply.
+            if let Some(s) = status.as_object_mut() {
+                s.remove("answers");
+            }
+            let clear = serde_json::json!({"status": {"answers": null}});
+            api.patch_status(name, &PatchParams::default(), &Patch::Merge(&clear))
+                .await?;
+        }
         let patch = serde_json::json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "status": status});
         api.patch_status(name, &pp, &Patch::Apply(&patch)).await?;
         Ok(())

@@ -192,7 +192,15 @@ async fn main() {
         let done = list
             .items
             .iter()
-            .filter(|s| s.spec.programs.len() == programs_n)
+            .filter(|s| {
+                // Other programs (e.g. `make run`'s samples) may select these nodes too.
+                s.spec
+                    .programs
+                    .iter()
+                    .filter(|a| a.name.starts_with("scale-"))
+                    .count()
+                    == programs_n
+            })
             .count();
         if done == nodes_n {
             break start.elapsed();

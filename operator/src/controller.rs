@@ -31,8 +31,9 @@ pub const FINALIZER: &str = "bpfpoly.io/unload";
 /// What one program wants on the nodes, as last decided.
 #[derive(Clone, Debug, Default)]
 pub struct ProgramTargets {
-    /// Nodes that carry the current generation, with their assignment.
-    pub assignments: HashMap<String, ProgramAssignment>,
+    /// Nodes that carry the current generation, with their assignment (shared by every
+    /// node with the same facts).
+    pub assignments: HashMap<String, Arc<ProgramAssignment>>,
     /// Eligible nodes the rollout has not reached: they keep what they run.
     pub keep: HashSet<String>,
     /// BTF queries the program needs.
@@ -250,7 +251,8 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
     let mut outcomes: BTreeMap<String, NodeOutcome<'_>> = BTreeMap::new();
     let mut eligible = Vec::new();
     let mut query_nodes = HashSet::new();
-    let mut candidates_by_node: HashMap<String, ProgramAssignment> = HashMap::new();
+    let mut candidates_by_node: HashMap<String, Arc<ProgramAssignment>> = HashMap::new();
+    let mut assignment_by_key: HashMap<&str, Arc<ProgramAssignment>> = HashMap::new();
     for node in &selected {
         let (key, node_facts) = facts
             .by_node
@@ -294,27 +296,30 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
                 outcomes.insert(node.clone(), NodeOutcome::Unsupported(reason));
             }
             Outcome::Eligible => {
-                let by_name: HashMap<&str, _> = p
-                    .spec
-                    .variants
-                    .iter()
-                    .map(|v| (v.name.as_str(), v))
-                    .collect();
-                candidates_by_node.insert(
-                    node.clone(),
-                    ProgramAssignment {
-                        name: name.clone(),
-                        generation,
-                        candidates: d
-                            .eligible
+                let assignment = assignment_by_key
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let by_name: HashMap<&str, _> = p
+                            .spec
+                            .variants
                             .iter()
-                            .filter_map(|e| by_name.get(e.name.as_str()).map(|v| (*v).clone()))
-                            .collect(),
-                        config: d.config.clone(),
-                        dispatch: p.spec.dispatch.clone(),
-                        fallback: p.spec.fallback.clone(),
-                    },
-                );
+                            .map(|v| (v.name.as_str(), v))
+                            .collect();
+                        Arc::new(ProgramAssignment {
+                            name: name.clone(),
+                            generation,
+                            candidates: d
+                                .eligible
+                                .iter()
+                                .filter_map(|e| by_name.get(e.name.as_str()).map(|v| (*v).clone()))
+                                .collect(),
+                            config: d.config.clone(),
+                            dispatch: p.spec.dispatch.clone(),
+                            fallback: p.spec.fallback.clone(),
+                        })
+                    })
+                    .clone();
+                candidates_by_node.insert(node.clone(), assignment);
                 eligible.push(node.clone());
                 outcomes.insert(node.clone(), NodeOutcome::Eligible(reported));
                 if let Some(r) = reported.filter(|r| r.observed_generation == generation) {
@@ -482,10 +487,7 @@ async fn cleanup(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error>
         .map(|s| s.name_any())
         .collect();
     if waiting.is_empty() {
-        ctx.targets
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&name);
+        forget(ctx, &name);
         return Ok(Action::await_change());
     }
     let since = p
@@ -520,13 +522,29 @@ async fn cleanup(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error>
             &msg,
         );
         let _ = write_status(ctx, &p, status).await;
-        ctx.targets
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&name);
+        forget(ctx, &name);
         return Ok(Action::await_change());
     }
     Err(Error::UnloadPending(waiting.join(", ")))
+}
+
+/// Drops a deleted program's targets and its metric series.
+fn forget(ctx: &Context, name: &str) {
+    ctx.targets
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(name);
+    for phase in [
+        "selected",
+        "loaded",
+        "degraded",
+        "failed",
+        "unsupported",
+        "pending",
+    ] {
+        let _ = ctx.metrics.nodes.remove_label_values(&[name, phase]);
+    }
+    let _ = ctx.metrics.rollout_paused.remove_label_values(&[name]);
 }
 
 fn set_condition(

@@ -141,8 +141,10 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    // managedFields are never read here and are a large share of each cached object.
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer);
     let task = async move {
         let mut seen: std::collections::HashMap<String, u64> = Default::default();

@@ -21,6 +21,8 @@ use crate::FIELD_MANAGER;
 pub struct Dirty {
     nodes: std::sync::Mutex<BTreeSet<String>>,
     wake: Notify,
+    /// Counts `mark` calls, so the writer can tell when reconciles have settled.
+    marks: std::sync::atomic::AtomicU64,
 }
 
 impl Dirty {
@@ -54,10 +56,10 @@ const CONCURRENCY: usize = 32;
 
 /// Runs forever: writes dirty nodes, retrying failures after a pause.
 pub async fn run(ctx: Arc<Context>) {
+    initial_sync(&ctx).await;
     loop {
         ctx.dirty.wake.notified().await;
-        // Let a burst of reconciles accumulate into one pass.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        settle(&ctx).await;
         let batch = ctx.dirty.take();
         let failed: Vec<String> = futures::stream::iter(batch)
             .map(|node| {
@@ -90,6 +92,45 @@ pub async fn run(ctx: Arc<Context>) {
     }
 }
 
+/// Until every program has been reconciled once (or 10 s passed), writing a node would
+/// write it again for each program that follows: wait, so a start writes each node once.
+async fn initial_sync(ctx: &Context) {
+    let started = std::time::Instant::now();
+    loop {
+        let pending = {
+            let targets = ctx
+                .targets
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ctx.programs
+                .state()
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| !targets.contains_key(&p.name_any()))
+                .count()
+        };
+        if pending == 0 || started.elapsed() > Duration::from_secs(10) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lets a burst of reconciles (many programs changing at once) settle into one pass: waits
+/// until nothing was marked for 100 ms, at most 1 s.
+async fn settle(ctx: &Context) {
+    let started = std::time::Instant::now();
+    let mut last = u64::MAX;
+    loop {
+        let n = ctx.dirty.marks.load(std::sync::atomic::Ordering::Relaxed);
+        if n == last || started.elapsed() > Duration::from_secs(1) {
+            return;
+        }
+        last = n;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What a node should hold, from the published targets and what it holds now.
 fn desired_programs(
     ctx: &Context,
@@ -103,7 +144,7 @@ fn desired_programs(
     let mut out: Vec<ProgramAssignment> = Vec::new();
     for (program, t) in targets.iter() {
         if let Some(a) = t.assignments.get(node) {
-            out.push(a.clone());
+            out.push(ProgramAssignment::clone(a));
         } else if t.keep.contains(node) {
             // The rollout has not reached this node: it keeps its version (if any).
             out.extend(current.iter().filter(|a| &a.name == program).cloned());
