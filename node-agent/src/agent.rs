@@ -213,7 +213,14 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         unloaded: BTreeMap::new(),
         answered: Vec::new(),
     };
-    agent.publish_profile(node_profile.status, true).await?;
+    // The API server may not be reachable yet (or restarting): retry rather than exit.
+    while let Err(e) = agent
+        .publish_profile(node_profile.status.clone(), true)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish the profile yet; retrying in 2 s");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let name = agent.opts.node_name.clone();

@@ -56,9 +56,6 @@ pub enum RunError {
         /// Cause.
         source: std::io::Error,
     },
-    /// Leader election failed.
-    #[error("leader election: {0}")]
-    Lease(#[from] kube_lease_manager::LeaseManagerError),
 }
 
 /// Builds a client from a kubeconfig path, or the default chain.
@@ -192,14 +189,23 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     tracing::info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
 
     let lease = if opts.leader_election {
-        let manager =
-            kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &opts.lease_name)
+        // The API server may not be reachable yet (or restarting): retry rather than exit.
+        let manager = loop {
+            match kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &opts.lease_name)
                 .with_namespace(&opts.lease_namespace)
                 .with_identity(&opts.identity)
                 .with_duration(opts.lease_duration.as_secs().max(2))
                 .with_grace(2)
                 .build()
-                .await?;
+                .await
+            {
+                Ok(m) => break m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        };
         let (mut leader, task) = manager.watch().await;
         // A standby is healthy and ready: it only waits for the lease. (Otherwise the second
         // replica never becomes Ready and rolling updates deadlock.)
