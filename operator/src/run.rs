@@ -18,6 +18,34 @@ use kube::{Api, Client};
 use crate::controller::{error_policy, reconcile, Context};
 use crate::metrics::Metrics;
 
+/// Watch retries: 0.5 s doubling to at most 4 s. kube's default grows to 30 s and backs off
+/// again on the "too old resource version" that follows an outage, so after the API server
+/// came back the operator took over a minute to see changes.
+#[derive(Clone, Copy)]
+struct WatchBackoff(Duration);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(500))
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(4));
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// Options of `run`.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -140,7 +168,7 @@ where
     let (reader, writer) = reflector::store();
     // managedFields are never read here and are a large share of each cached object.
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer);
     let task = async move {
@@ -148,9 +176,16 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
             let fire = match item {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                Ok(watcher::Event::Apply(o)) => {
                     let fp = fingerprint(&o);
                     seen.insert(o.meta().name.clone().unwrap_or_default(), fp) != Some(fp)
+                }
+                // A (re)list fires once, at InitDone: one trigger per object would make the
+                // controller reconcile all programs over and over while a large list streams
+                // in (quadratic in nodes).
+                Ok(watcher::Event::InitApply(o)) => {
+                    seen.insert(o.meta().name.clone().unwrap_or_default(), fingerprint(&o));
+                    false
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     seen.remove(o.meta().name.as_deref().unwrap_or_default());
@@ -257,12 +292,14 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     tokio::spawn(states_task);
 
     let programs_api = Api::<BpfPolyProgram>::all(client.clone());
-    let controller = Controller::new(programs_api, watcher::Config::default()).with_config(
-        kube::runtime::controller::Config::default()
-            // No debounce: a steady stream of agent reports would keep postponing reconciles.
-            // The scheduler already merges requests for a program that is queued.
-            .concurrency(4),
-    );
+    let controller = Controller::new(programs_api, watcher::Config::default())
+        .trigger_backoff(WatchBackoff::default())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                // No debounce: a steady stream of agent reports would keep postponing reconciles.
+                // The scheduler already merges requests for a program that is queued.
+                .concurrency(4),
+        );
     let ctx = Arc::new(Context {
         client: client.clone(),
         nodes: nodes.clone(),
