@@ -7,7 +7,7 @@ CARGO ?= cargo
 RUN_DIR := $(CURDIR)/.run
 KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
 
-.PHONY: all deps build ebpf crds crds-check lint unit cluster-up cluster-down api-test test run stop e2e bench chart-test clean
+.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down api-test test run stop e2e bench fuzz chaos soak chart-test clean
 
 all: build
 
@@ -59,6 +59,22 @@ stop:
 ## chart-test: Helm chart lint, render, schema, install/upgrade/uninstall and RBAC on the real API server
 chart-test: cluster-up
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/chart-test.sh
+
+## bench: dispatch overhead, agent latencies, operator at scale, selection engine (writes BENCHMARKS figures)
+bench:
+	bash e2e/bench.sh
+
+## fuzz: time-bounded fuzzing of object inspection, validation, requirement parsing, BTF answers
+fuzz:
+	bash e2e/fuzz.sh
+
+## chaos: agent SIGKILLs, API server and etcd restarts, operator restart mid-rollout
+chaos:
+	bash e2e/chaos.sh
+
+## soak: apply/update/delete cycles; nothing left behind, agent RSS stable
+soak:
+	bash e2e/soak.sh
 
 ## test: everything; what CI runs
 ## e2e: the end-to-end scenarios on the real stack
