@@ -531,6 +531,9 @@ fn main() {
         args,
     };
 
+    // Mounts bpffs (and tracefs) when missing, before bpftool pins anything.
+    drop(bench.loader());
+    std::fs::create_dir_all(&bench.pins.0).expect("a bpffs directory for bpftool's pins");
     eprintln!("[bench_agent] anchors: bpftool loadall (+ attach)");
     let (bt_load, bt_load_attach) = bench.anchor_load_attach();
     let bt_fallback = bench.anchor_fallback();
@@ -647,6 +650,15 @@ fn main() {
             Some("ratio < 1.00 (faster)"),
             None,
             Some(0.999),
+        ),
+        row(
+            "agent: start-up profile (BTF parse + probes), process min",
+            pct(&prof_wall, 0.0),
+            "ms",
+            Some(("bpftool feature probe (min)", pct(&bt_probe, 0.0))),
+            None,
+            None,
+            None,
         ),
         row(
             "agent: start-up profile, BTF part (read+hash+parse+index) p50",

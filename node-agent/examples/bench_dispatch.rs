@@ -5,24 +5,23 @@
 //! ratio, target, met}`) and the raw samples.
 //!
 //! What runs (all XDP, all loaded here with aya, all given the same frame):
-//! - `empty`:    the classifier source built with `CLASSIFIER_ENTRY_HOOK` = `return
-//!               XDP_PASS` (bench.sh builds it): the cost of the test_run loop itself.
-//! - `direct`:   the classifier source built with a `CLASSIFIER_ENTRY_HOOK` that parses
-//!               and runs the handler body (`classifier_account`) and returns: the same
-//!               parse + handler work with no dispatch at all (no key switch, no
-//!               `bpfpoly_dispatch` counter, no tail call). The floor.
-//! - `static`:   built-in `packet-classifier-xdp`, `bpfpoly_dispatch_mode` = 1 (static),
-//!               `bpfpoly_handler_mask` = the three handlers.
+//! - `empty`: the classifier source built with `CLASSIFIER_ENTRY_HOOK` = `return
+//!   XDP_PASS` (bench.sh builds it): the cost of the test_run loop itself.
+//! - `direct`: the classifier source built with a `CLASSIFIER_ENTRY_HOOK` that parses and
+//!   runs the handler body (`classifier_account`) and returns: the same parse + handler
+//!   work with no dispatch at all (no key switch, no `bpfpoly_dispatch` counter, no tail
+//!   call). The floor.
+//! - `static`: built-in `packet-classifier-xdp`, `bpfpoly_dispatch_mode` = 1 (static),
+//!   `bpfpoly_handler_mask` = the three handlers.
 //! - `tailcall`: built-in `packet-classifier-xdp`, mode 0, `jump_table` filled with
-//!               `handle_icmp`/`handle_tcp`/`handle_udp`.
-//! - `libxdp`:   libxdp's `xdp-dispatcher.o` with `.rodata` `conf` saying one program
-//!               slot (`num_progs_enabled` = 1, `chain_call_actions[0]` = PASS |
-//!               XDP_DISPATCHER_RETVAL, as libxdp writes it). libxdp fills slots with
-//!               freplace, which this kernel refuses (EPERM), so `prog0` stays the stub:
-//!               this measures the dispatcher's own cost. Its cost with the handler is
-//!               estimated as `direct + (libxdp - empty)`.
-//! - freplace:   tried (classifier with mode 2 + the freplace object); reported as not
-//!               available when the kernel refuses it.
+//!   `handle_icmp`/`handle_tcp`/`handle_udp`.
+//! - `libxdp`: libxdp's `xdp-dispatcher.o` with `.rodata` `conf` saying one program slot
+//!   (`num_progs_enabled` = 1, `chain_call_actions[0]` = PASS | XDP_DISPATCHER_RETVAL, as
+//!   libxdp writes it). libxdp fills slots with freplace, which this kernel refuses
+//!   (EPERM), so `prog0` stays the stub: this measures the dispatcher's own cost. Its cost
+//!   with the handler is estimated as `direct + (libxdp - empty)`.
+//! - freplace: tried (classifier with mode 2 + the freplace object); reported as not
+//!   available when the kernel refuses it.
 //!
 //! Timing: for each run, `repeat` iterations in one BPF_PROG_TEST_RUN; ns per packet =
 //! this thread's CPU time across the syscall / repeat (CLOCK_THREAD_CPUTIME_ID: excludes
@@ -697,6 +696,21 @@ fn main() {
         }
         detail.insert((*fname).to_owned(), Value::Object(per));
     }
+    // Kernel run-time statistics (BPF_ENABLE_STATS, held by any process, e.g. a running
+    // bpfpoly agent) add two clock reads to every program run: flag them, they skew the floor.
+    let stats_on = subjects
+        .iter()
+        .any(|s| s.xdp().info().map(|i| i.run_count() > 0).unwrap_or(false));
+    if stats_on {
+        rows.push(json!({
+            "name": "dispatch: WARNING kernel BPF run-time statistics were ON during these runs",
+            "value": null, "unit": "n/a", "anchor": null, "anchor_value": null, "ratio": null,
+            "target": null, "met": null,
+            "note": "BPF_ENABLE_STATS was held by another process (e.g. a running bpfpoly agent, \
+                     `make run`): every program run also pays two clock reads, so every figure \
+                     above includes that constant and the ratios understate the dispatch overhead",
+        }));
+    }
     rows.push(json!({
         "name": "dispatch: freplace dispatch", "value": null, "unit": "n/a",
         "anchor": "direct handler", "anchor_value": null, "ratio": null,
@@ -710,6 +724,7 @@ fn main() {
         "clock": "CLOCK_THREAD_CPUTIME_ID across BPF_PROG_TEST_RUN / repeat",
         "program_ids": subjects.iter().map(|s| (s.key, s.id())).collect::<BTreeMap<_, _>>(),
         "freplace": freplace,
+        "kernel_run_stats_on": stats_on,
         "jit": jit,
         "libxdp_note": libxdp_note,
         "rows": rows,

@@ -80,6 +80,50 @@ pub enum AgentError {
     Bind(SocketAddr, std::io::Error),
 }
 
+/// Watch retries: 0.5 s doubling to at most 4 s, with jitter. kube's default grows to 30 s,
+/// so after an API server outage the agent noticed it was back up to half a minute late.
+struct WatchBackoff {
+    next: std::time::Duration,
+    seed: u64,
+}
+
+impl WatchBackoff {
+    const MIN: std::time::Duration = std::time::Duration::from_millis(500);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Self {
+            next: Self::MIN,
+            seed: u64::from(nanos ^ std::process::id()) | 1,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Jitter in [50%, 100%]: agents of a large cluster do not retry in step.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let delay = self.next.mul_f64(0.5 + (self.seed % 1000) as f64 / 2000.0);
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
 /// Config fields that fell back, per program (for `bpfpoly_config_fallbacks`).
 type ConfigFallbacks = Arc<Mutex<BTreeMap<String, Vec<String>>>>;
 
@@ -229,13 +273,13 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         Api::<BpfNodeProfile>::all(agent.client.clone()),
         watcher::Config::default().fields(&selector),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .applied_objects();
     let states = watcher(
         Api::<BpfNodeState>::all(agent.client.clone()),
         watcher::Config::default().fields(&selector),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .applied_objects();
     let mut profiles = std::pin::pin!(profiles);
     let mut states = std::pin::pin!(states);
@@ -245,6 +289,20 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut resync = tokio::time::interval(std::time::Duration::from_secs(30));
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_state: Option<BpfNodeState> = None;
+    // After a state watch error the agent also reads its state directly, every second until
+    // the watch delivers again (for at most 30 s after the last error): an API server that
+    // comes back can take 10 s to answer the resumed watch (with "too old resource
+    // version"), and the agent would see changes only after that.
+    let mut refetch = tokio::time::interval(std::time::Duration::from_secs(1));
+    refetch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch_broken: Option<std::time::Instant> = None;
+    let states_api = Api::<BpfNodeState>::all(agent.client.clone());
+    // The spec generation last applied: a resumed watch replays older versions of the state
+    // after a direct read has applied a newer one; those are skipped.
+    let newer = |s: &BpfNodeState, last: &Option<BpfNodeState>| {
+        let generation = |s: &BpfNodeState| s.metadata.generation.unwrap_or(0);
+        last.as_ref().is_none_or(|l| generation(s) >= generation(l))
+    };
     loop {
         tokio::select! {
             Some(p) = profiles.next() => match p {
@@ -253,10 +311,26 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             },
             Some(s) = states.next() => match s {
                 Ok(s) => {
-                    agent.reconcile(&s).await;
-                    last_state = Some(s);
+                    watch_broken = None;
+                    if newer(&s, &last_state) {
+                        agent.reconcile(&s).await;
+                        last_state = Some(s);
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "state watch error; retrying"),
+                Err(e) => {
+                    watch_broken = Some(std::time::Instant::now());
+                    tracing::warn!(error = %e, "state watch error; retrying");
+                }
+            },
+            _ = refetch.tick(), if watch_broken.is_some_and(|t| t.elapsed().as_secs() < 30) => {
+                if let Ok(Some(s)) = states_api.get_opt(&name).await {
+                    if newer(&s, &last_state)
+                        && last_state.as_ref().is_none_or(|l| l.metadata.resource_version != s.metadata.resource_version)
+                    {
+                        agent.reconcile(&s).await;
+                        last_state = Some(s);
+                    }
+                }
             },
             _ = resync.tick() => {
                 if let Some(s) = &last_state {
