@@ -250,6 +250,7 @@ class Scenarios(unittest.TestCase):
             self.assertEqual(metric(after, "bpfpoly_handler_degraded", program="e2e-badhandler", key="17"), 1)
         finally:
             sh("kubectl", "delete", "bpp", "e2e-badhandler", "--wait=true", "--timeout=60s", check=False)
+            sh("ip", "link", "del", "bpfe2e0", check=False)
 
     def test_5_config_update_is_make_before_break(self):
         dev_in, dev_out = "bpfpoly0", "bpfpoly1"
