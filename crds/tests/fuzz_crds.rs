@@ -139,11 +139,14 @@ fn fuzz<S: Strategy>(
             .append(true)
             .open(path)
         {
-            let _ = writeln!(
-                f,
-                "{}",
-                serde_json::json!({"crate": "bpfpoly-crds", "target": name, "executions": n,
+            // One write per line: targets run on parallel threads and append to one file.
+            let _ = f.write_all(
+                format!(
+                    "{}\n",
+                    serde_json::json!({"crate": "bpfpoly-crds", "target": name, "executions": n,
                     "distinct": distinct, "seconds": secs, "seed": seed})
+                )
+                .as_bytes(),
             );
         }
     }

@@ -213,12 +213,9 @@ fn fuzz_loader_apply_on_the_kernel() {
             .append(true)
             .open(path)
         {
-            let _ = writeln!(
-                f,
-                "{}",
-                json!({"crate": "bpfpoly-agent", "target": "Loader::apply (kernel)", "executions": executions,
-                    "distinct": outcomes.len(), "panics": findings.len(), "seconds": secs, "seed": seed})
-            );
+            // One write per line: targets run on parallel threads and append to one file.
+            let _ = f.write_all(format!("{}\n", json!({"crate": "bpfpoly-agent", "target": "Loader::apply (kernel)", "executions": executions,
+                    "distinct": outcomes.len(), "panics": findings.len(), "seconds": secs, "seed": seed})).as_bytes());
         }
     }
     assert!(

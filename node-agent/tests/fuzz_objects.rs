@@ -165,12 +165,9 @@ impl Tally {
                 .append(true)
                 .open(path)
             {
-                let _ = writeln!(
-                    f,
-                    "{}",
-                    json!({"crate": "bpfpoly-agent", "target": self.name, "executions": self.executions,
-                        "distinct": self.outcomes.len(), "panics": self.panics.len(), "seconds": secs, "seed": self.seed})
-                );
+                // One write per line: targets run on parallel threads and append to one file.
+                let _ = f.write_all(format!("{}\n", json!({"crate": "bpfpoly-agent", "target": self.name, "executions": self.executions,
+                        "distinct": self.outcomes.len(), "panics": self.panics.len(), "seconds": secs, "seed": self.seed})).as_bytes());
             }
         }
         assert!(
