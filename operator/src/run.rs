@@ -155,6 +155,7 @@ fn reflect<K>(
     trigger: futures::channel::mpsc::UnboundedSender<()>,
     changed: Arc<tokio::sync::Notify>,
     fingerprint: fn(&K) -> u64,
+    quiet_when_new: Option<u64>,
 ) -> (Store<K>, impl std::future::Future<Output = ()>)
 where
     K: kube::Resource<DynamicType = ()>
@@ -178,7 +179,13 @@ where
             let fire = match item {
                 Ok(watcher::Event::Apply(o)) => {
                     let fp = fingerprint(&o);
-                    seen.insert(o.meta().name.clone().unwrap_or_default(), fp) != Some(fp)
+                    match seen.insert(o.meta().name.clone().unwrap_or_default(), fp) {
+                        Some(prev) => prev != fp,
+                        // A node state or profile the operator itself just created carries no
+                        // status yet: nothing for a program to react to (one trigger per new
+                        // node made a rollout quadratic in nodes).
+                        None => quiet_when_new != Some(fp),
+                    }
                 }
                 // A (re)list fires once, at InitDone: one trigger per object would make the
                 // controller reconcile all programs over and over while a large list streams
@@ -273,18 +280,21 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         tx.clone(),
         changed.clone(),
         |n: &Node| hash_of(&n.metadata.labels),
+        None,
     );
     let (profiles, profiles_task) = reflect(
         Api::<BpfNodeProfile>::all(client.clone()),
         tx.clone(),
         changed.clone(),
         |p: &BpfNodeProfile| hash_of(&p.status),
+        Some(hash_of(&None::<()>)),
     );
     let (states, states_task) = reflect(
         Api::<BpfNodeState>::all(client.clone()),
         tx.clone(),
         changed.clone(),
         |s: &BpfNodeState| hash_of(&s.status),
+        Some(hash_of(&None::<()>)),
     );
     drop(tx);
     tokio::spawn(nodes_task);

@@ -262,10 +262,16 @@ async fn nodes_of_one_btf_build_are_asked_once_and_share_answers() {
                 .get_opt(n)
                 .await
                 .unwrap()
-                .filter(|s| !s.spec.programs.is_empty())
+                .filter(|s| s.spec.programs.iter().any(|a| a.name == "shared-tracer"))
         })
         .await;
-        let a = &st.spec.programs[0];
+        // Other programs (e.g. `make run`'s samples) may select these nodes too.
+        let a = st
+            .spec
+            .programs
+            .iter()
+            .find(|a| a.name == "shared-tracer")
+            .expect("shared-tracer assigned");
         let names: Vec<&str> = a.candidates.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["kprobe", "tp-btf", "tracepoint"]);
         let loginuid = a
