@@ -259,10 +259,11 @@ class OwnAgent:
 
 
 def status_apply(kind, name, status, check=True):
-    """Writes `status` as the simulated agents do (server-side apply, own field manager)."""
+    """Writes `status` as the node's agent does (server-side apply with the field manager
+    `bpfpoly-agent/<node>`; the operator ignores status written by anyone else)."""
     body = {"apiVersion": "bpfpoly.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "status": status}
     return subprocess.run(["kubectl", "--request-timeout=5s", "apply", "--server-side", "--force-conflicts",
-                           "--field-manager=rel-sim-agent", "--subresource=status", "--validate=false", "-f", "-"],
+                           f"--field-manager=bpfpoly-agent/{name}", "--subresource=status", "--validate=false", "-f", "-"],
                           input=json.dumps(body), capture_output=True, text=True, check=check)
 
 
@@ -414,7 +415,7 @@ class Chaos(unittest.TestCase):
         status["answers"] = {"type:struct task_struct": True, "func:do_sys_openat2": True}
         body = {"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "metadata": {"name": NODE},
                 "status": status}
-        sh("kubectl", "apply", "--server-side", "--force-conflicts", "--field-manager=bpfpoly-agent",
+        sh("kubectl", "apply", "--server-side", "--force-conflicts", f"--field-manager=bpfpoly-agent/{NODE}",
            "--subresource=status", "--validate=false", "-f", "-", stdin=json.dumps(body))
         self.agent.kill()
         self.agent.start()

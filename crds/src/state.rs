@@ -7,6 +7,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::program::{ConfigType, Dispatch, FallbackPolicy, Variant};
 
+/// Prefix of the field manager with which a node's agent writes the status of its own
+/// `BpfNodeState` and `BpfNodeProfile`; the node name follows (see [`agent_field_manager`]).
+pub const AGENT_FIELD_MANAGER_PREFIX: &str = "bpfpoly-agent/";
+
+/// Longest field manager name the API server accepts.
+const MAX_FIELD_MANAGER: usize = 128;
+
+/// The field manager of the agent on `node`: `bpfpoly-agent/<node>`. A node name too long for
+/// the API server's 128-character limit is shortened to a prefix plus a stable FNV-1a digest
+/// of the whole name, so two long names never share a manager by accident.
+pub fn agent_field_manager(node: &str) -> String {
+    let full = format!("{AGENT_FIELD_MANAGER_PREFIX}{node}");
+    if full.len() <= MAX_FIELD_MANAGER {
+        return full;
+    }
+    let digest = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let suffix = format!("~{digest:016x}");
+    let mut keep = MAX_FIELD_MANAGER - suffix.len();
+    while !full.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{suffix}", &full[..keep])
+}
+
 /// Assignments for one node (name = node name).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
@@ -200,4 +226,22 @@ pub struct FallbackRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub verifier_log: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_field_manager_names_the_node_and_fits_the_limit() {
+        assert_eq!(agent_field_manager("worker-1"), "bpfpoly-agent/worker-1");
+        let long_a = format!("{}a", "n".repeat(252));
+        let long_b = format!("{}b", "n".repeat(252));
+        let (a, b) = (agent_field_manager(&long_a), agent_field_manager(&long_b));
+        assert_eq!(a.len(), 128);
+        assert_eq!(b.len(), 128);
+        assert_ne!(a, b);
+        assert!(a.starts_with(AGENT_FIELD_MANAGER_PREFIX));
+        assert_eq!(a, agent_field_manager(&long_a));
+    }
 }

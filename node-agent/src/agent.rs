@@ -25,8 +25,11 @@ use crate::metrics::{Metrics, ProgramSnapshot};
 use crate::{btf, probe, profile};
 use bpfpoly_agent::builtin;
 
-/// Field manager of the agent's server-side applies.
-const FIELD_MANAGER: &str = "bpfpoly-agent";
+/// The agent's field manager, `bpfpoly-agent/<node>`: the operator believes a node's status
+/// only when this manager wrote it.
+fn field_manager(node: &str) -> String {
+    bpfpoly_crds::state::agent_field_manager(node)
+}
 
 /// Options of `run`.
 #[derive(Clone, Debug)]
@@ -458,7 +461,8 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let api = self.api_profiles();
         let name = &self.opts.node_name;
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let manager = field_manager(name);
+        let pp = PatchParams::apply(&manager).force();
         if create && api.get_opt(name).await?.is_none() {
             let obj = serde_json::json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile",
                 "metadata": {"name": name}, "spec": {}});
@@ -476,7 +480,11 @@ impl Agent {
                 s.remove("answers");
             }
             let clear = serde_json::json!({"status": {"answers": null}});
-            api.patch_status(name, &PatchParams::default(), &Patch::Merge(&clear))
+            let merge = PatchParams {
+                field_manager: Some(manager.clone()),
+                ..PatchParams::default()
+            };
+            api.patch_status(name, &merge, &Patch::Merge(&clear))
                 .await?;
         }
         let patch = serde_json::json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "status": status});
@@ -923,7 +931,7 @@ impl Agent {
         if let Err(e) = api
             .patch_status(
                 &self.opts.node_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
+                &PatchParams::apply(&field_manager(&self.opts.node_name)).force(),
                 &Patch::Apply(&patch),
             )
             .await

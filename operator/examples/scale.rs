@@ -140,7 +140,9 @@ async fn main() {
                     "kernel": {"release": release, "version": release.split('-').next().unwrap()},
                     "btf": {"available": true, "source": "simulated", "sha256": format!("build-{}", i % 3), "types": 100000},
                     "programTypes": ["kprobe", "tracepoint", "tracing"], "mapTypes": ["ringbuf"], "answers": answers}});
-                profiles.patch_status(&name, &pp, &Patch::Apply(status)).await?;
+                // Written as the node's own agent would (the operator ignores other writers).
+                let agent = PatchParams::apply(&bpfpoly_crds::state::agent_field_manager(&name)).force();
+                profiles.patch_status(&name, &agent, &Patch::Apply(status)).await?;
                 Ok::<_, kube::Error>(())
             }
         })

@@ -25,6 +25,8 @@ pub enum NodeOutcome<'a> {
     Unsupported(String),
     /// Eligible; with what the agent reported, if anything.
     Eligible(Option<&'a ProgramStatus>),
+    /// Eligible, but what was reported for it is not believed (see [`crate::trust`]).
+    Ignored(String),
 }
 
 /// Inputs of one aggregation.
@@ -81,6 +83,10 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
         match outcome {
             NodeOutcome::Pending(why) => pending.push((node.clone(), why.clone())),
             NodeOutcome::Unsupported(why) => unsupported.push((node.clone(), why.clone())),
+            NodeOutcome::Ignored(why) => {
+                counts.eligible += 1;
+                pending.push((node.clone(), why.clone()));
+            }
             NodeOutcome::Eligible(reported) => {
                 counts.eligible += 1;
                 let current = reported.filter(|s| s.observed_generation == i.generation);

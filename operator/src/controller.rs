@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bpfpoly_crds::program::OnNoEligibleVariant;
 use bpfpoly_crds::select::{decide, program_queries, Decision, NodeFacts, Outcome};
-use bpfpoly_crds::state::{Phase, ProgramAssignment};
+use bpfpoly_crds::state::{Phase, ProgramAssignment, ProgramStatus};
 use bpfpoly_crds::validate::validate_program;
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use k8s_openapi::api::core::v1::Node;
@@ -74,6 +74,8 @@ pub struct FactsIndex {
     pub by_node: HashMap<String, (String, NodeFacts)>,
     /// BTF digest to the node asked to answer queries for it.
     pub representative: HashMap<String, String>,
+    /// Nodes whose profile status is not believed, and why (see [`crate::trust`]).
+    pub untrusted: HashMap<String, String>,
 }
 
 impl FactsIndex {
@@ -81,7 +83,21 @@ impl FactsIndex {
     pub fn build(profiles: &[Arc<BpfNodeProfile>]) -> FactsIndex {
         let mut pooled: HashMap<String, BTreeMap<String, bool>> = HashMap::new();
         let mut representative: HashMap<String, String> = HashMap::new();
-        for p in profiles {
+        let mut untrusted = HashMap::new();
+        let profiles: Vec<&Arc<BpfNodeProfile>> = profiles
+            .iter()
+            .filter(|p| {
+                let name = p.name_any();
+                match crate::trust::untrusted_status(&name, &p.metadata) {
+                    Some(why) => {
+                        untrusted.insert(name, format!("profile {why}"));
+                        false
+                    }
+                    None => true,
+                }
+            })
+            .collect();
+        for p in &profiles {
             let Some(s) = &p.status else { continue };
             if s.btf.sha256.is_empty() {
                 continue;
@@ -124,6 +140,7 @@ impl FactsIndex {
         FactsIndex {
             by_node,
             representative,
+            untrusted,
         }
     }
 }
@@ -192,6 +209,31 @@ pub fn error_policy(obj: Arc<BpfPolyProgram>, err: &Error, ctx: Arc<Context>) ->
     Action::requeue(Duration::from_secs(5))
 }
 
+/// What `node` reported for program `name`, if anything and if it is believed; otherwise why
+/// it is not (see [`crate::trust`]).
+fn believed<'a>(
+    node: &str,
+    state: Option<&'a BpfNodeState>,
+    name: &str,
+) -> Result<Option<&'a ProgramStatus>, String> {
+    let Some(state) = state else { return Ok(None) };
+    if let Some(why) = crate::trust::untrusted_status(node, &state.metadata) {
+        return Err(why);
+    }
+    let Some(reported) = state
+        .status
+        .as_ref()
+        .and_then(|st| st.programs.iter().find(|ps| ps.name == name))
+    else {
+        return Ok(None);
+    };
+    let assigned = state.spec.programs.iter().find(|a| a.name == name);
+    match crate::trust::inconsistent_entry(assigned, reported) {
+        Some(why) => Err(why),
+        None => Ok(Some(reported)),
+    }
+}
+
 async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
     let name = p.name_any();
     let generation = p.metadata.generation.unwrap_or(0);
@@ -227,6 +269,10 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
     }
 
     let facts = FactsIndex::build(&ctx.profiles.state());
+    ctx.metrics
+        .ignored_node_status
+        .with_label_values(&["profile"])
+        .set(facts.untrusted.len() as i64);
     let queries: Vec<String> = program_queries(&p.spec)
         .iter()
         .map(ToString::to_string)
@@ -247,6 +293,15 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
         .into_iter()
         .map(|s| (s.name_any(), s))
         .collect();
+    ctx.metrics
+        .ignored_node_status
+        .with_label_values(&["state"])
+        .set(
+            states
+                .iter()
+                .filter(|(n, s)| crate::trust::untrusted_status(n, &s.metadata).is_some())
+                .count() as i64,
+        );
     let pending_facts = NodeFacts::default();
     let mut outcomes: BTreeMap<String, NodeOutcome<'_>> = BTreeMap::new();
     let mut eligible = Vec::new();
@@ -270,11 +325,25 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
         if sha.is_empty() || facts.representative.get(&sha) == Some(node) {
             query_nodes.insert(node.clone());
         }
-        let reported = states.get(node).and_then(|s| {
-            s.status
-                .as_ref()
-                .and_then(|st| st.programs.iter().find(|ps| ps.name == name))
-        });
+        let (reported, ignored) = match believed(node, states.get(node).map(|s| &**s), &name) {
+            Ok(r) => (r, None),
+            Err(why) => (None, Some(why)),
+        };
+        if let Some(why) = facts.untrusted.get(node).or(ignored.as_ref()) {
+            announce(
+                ctx,
+                &p,
+                &format!("untrusted/{node}/{why}"),
+                EventType::Warning,
+                "UntrustedNodeStatus",
+                &format!("node {node}: {why}"),
+            )
+            .await;
+        }
+        if let Some(why) = facts.untrusted.get(node) {
+            outcomes.insert(node.clone(), NodeOutcome::Pending(why.clone()));
+            continue;
+        }
         match d.outcome() {
             Outcome::Pending => {
                 outcomes.insert(
@@ -321,7 +390,13 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
                     .clone();
                 candidates_by_node.insert(node.clone(), assignment);
                 eligible.push(node.clone());
-                outcomes.insert(node.clone(), NodeOutcome::Eligible(reported));
+                outcomes.insert(
+                    node.clone(),
+                    match ignored {
+                        Some(why) => NodeOutcome::Ignored(why),
+                        None => NodeOutcome::Eligible(reported),
+                    },
+                );
                 if let Some(r) = reported.filter(|r| r.observed_generation == generation) {
                     match r.phase {
                         Phase::Degraded => {
@@ -373,14 +448,10 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
                         .find(|a| a.name == name)
                         .map(|a| a.generation)
                 }),
-                reported: st.and_then(|s| {
-                    s.status.as_ref().and_then(|st| {
-                        st.programs
-                            .iter()
-                            .find(|ps| ps.name == name)
-                            .map(|ps| (ps.observed_generation, ps.phase))
-                    })
-                }),
+                reported: believed(node, st.map(|s| &**s), &name)
+                    .ok()
+                    .flatten()
+                    .map(|ps| (ps.observed_generation, ps.phase)),
             }
         })
         .collect();
@@ -477,11 +548,13 @@ async fn cleanup(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error>
         .state()
         .iter()
         .filter(|s| {
+            // A status the operator does not believe cannot confirm an unload.
+            let believed = crate::trust::untrusted_status(&s.name_any(), &s.metadata).is_none();
             s.spec.programs.iter().any(|a| a.name == name)
                 || s.status.as_ref().is_some_and(|st| {
                     st.programs
                         .iter()
-                        .any(|ps| ps.name == name && ps.phase != Phase::Unloaded)
+                        .any(|ps| ps.name == name && (ps.phase != Phase::Unloaded || !believed))
                 })
         })
         .map(|s| s.name_any())

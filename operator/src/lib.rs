@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod rollout;
 pub mod run;
 pub mod selector;
+pub mod trust;
 pub mod writer;
 
 /// Field manager for every server-side apply the operator makes.

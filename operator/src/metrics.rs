@@ -19,6 +19,8 @@ pub struct Metrics {
     pub rollout_paused: IntGaugeVec,
     /// Server-side applies of node states and profiles.
     pub node_writes: IntCounter,
+    /// Node states and profiles whose status is currently ignored, by kind.
+    pub ignored_node_status: IntGaugeVec,
 }
 
 impl Metrics {
@@ -56,6 +58,14 @@ impl Metrics {
             "bpfpoly_node_writes_total",
             "Server-side applies of BpfNodeState and BpfNodeProfile specs",
         )?;
+        let ignored_node_status = IntGaugeVec::new(
+            Opts::new(
+                "bpfpoly_ignored_node_status",
+                "Node states and profiles whose status is ignored because a field manager other than the node's own agent wrote part of it",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(ignored_node_status.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
@@ -68,6 +78,7 @@ impl Metrics {
             nodes,
             rollout_paused,
             node_writes,
+            ignored_node_status,
         })
     }
 

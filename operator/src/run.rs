@@ -167,10 +167,11 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    // managedFields are never read here and are a large share of each cached object.
+    // managedFields are a large share of each cached object; only who wrote the status is
+    // read (crate::trust).
     let stream = watcher(api, watcher::Config::default())
         .backoff(WatchBackoff::default())
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .modify(|o: &mut K| crate::trust::keep_status_writers(o.meta_mut()))
         .reflect(writer);
     let task = async move {
         let mut seen: std::collections::HashMap<String, u64> = Default::default();
@@ -212,6 +213,20 @@ where
         }
     };
     (reader, task)
+}
+
+/// A node-written status and who wrote it: a change of writer alone changes what is believed.
+fn status_fingerprint<T: serde::Serialize>(
+    status: &Option<T>,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> u64 {
+    let writers: Vec<&str> = meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|e| e.manager.as_deref())
+        .collect();
+    hash_of(&(status, writers))
 }
 
 fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
@@ -286,15 +301,15 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         Api::<BpfNodeProfile>::all(client.clone()),
         tx.clone(),
         changed.clone(),
-        |p: &BpfNodeProfile| hash_of(&p.status),
-        Some(hash_of(&None::<()>)),
+        |p: &BpfNodeProfile| status_fingerprint(&p.status, &p.metadata),
+        Some(status_fingerprint(&None::<()>, &Default::default())),
     );
     let (states, states_task) = reflect(
         Api::<BpfNodeState>::all(client.clone()),
         tx.clone(),
         changed.clone(),
-        |s: &BpfNodeState| hash_of(&s.status),
-        Some(hash_of(&None::<()>)),
+        |s: &BpfNodeState| status_fingerprint(&s.status, &s.metadata),
+        Some(status_fingerprint(&None::<()>, &Default::default())),
     );
     drop(tx);
     tokio::spawn(nodes_task);

@@ -81,7 +81,8 @@ async fn sim_node(c: &Client, name: &str, test: &str) {
 /// Publishes a simulated agent profile.
 async fn sim_profile(c: &Client, node: &str, release: &str, sha: &str, answers: serde_json::Value) {
     let api: Api<BpfNodeProfile> = Api::all(c.clone());
-    let pp = PatchParams::apply("sim-agent").force();
+    let manager = bpfpoly_crds::state::agent_field_manager(node);
+    let pp = PatchParams::apply(&manager).force();
     api.patch(node, &pp, &Patch::Apply(&json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile", "metadata": {"name": node}, "spec": {}})))
         .await
         .unwrap();
@@ -104,7 +105,7 @@ async fn sim_report(c: &Client, node: &str, program: &str, generation: i64, phas
                       "message": format!("simulated {phase}")}]}});
     api.patch_status(
         node,
-        &PatchParams::apply("sim-agent").force(),
+        &PatchParams::apply(&bpfpoly_crds::state::agent_field_manager(node)).force(),
         &Patch::Apply(&status),
     )
     .await
@@ -454,6 +455,122 @@ async fn rollout_waves_canary_then_batches_then_pause_and_resume() {
         "reached nodes keep the old generation until their wave"
     );
     cleanup(&c, test, &nodes, &["waves-tracer"]).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn status_written_for_another_node_is_ignored_and_reported() {
+    let c = client().await;
+    let test = "trust";
+    let nodes = vec!["sim-trust-a".to_string(), "sim-trust-b".to_string()];
+    let program = "trust-tracer";
+    cleanup(&c, test, &nodes, &[program]).await;
+    for n in &nodes {
+        sim_node(&c, n, test).await;
+        sim_profile(&c, n, "6.6.0-1-amd64", "trust", all_true(TRACER_QUERIES)).await;
+    }
+    let _op = Operator::start(19478, &["--no-leader-election"]);
+    let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    bpp.create(
+        &PostParams::default(),
+        &tracer(program, test, json!({"maxUnavailable": 2, "canary": 0})),
+    )
+    .await
+    .unwrap();
+    for n in &nodes {
+        wait_for("generation 1 assigned", 20, || async {
+            (assigned(&c, n, program).await == Some(1)).then_some(())
+        })
+        .await;
+    }
+    // Node b's agent (simulated) writes node a's status, claiming it runs there.
+    let states: Api<BpfNodeState> = Api::all(c.clone());
+    let forged = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeState", "status": {
+        "programs": [{"name": program, "observedGeneration": 1, "phase": "Loaded", "variant": "tracepoint"}]}});
+    states
+        .patch_status(
+            "sim-trust-a",
+            &PatchParams::apply(&bpfpoly_crds::state::agent_field_manager("sim-trust-b")).force(),
+            &Patch::Apply(&forged),
+        )
+        .await
+        .unwrap();
+    sim_report(&c, "sim-trust-b", program, 1, "Loaded").await;
+    let status = wait_for("b counted, a ignored", 20, || async {
+        let s = bpp.get(program).await.unwrap().status?;
+        (s.nodes.loaded == 1 && s.nodes.pending == 1).then_some(s)
+    })
+    .await;
+    let sample = status
+        .samples
+        .iter()
+        .find(|s| s.node == "sim-trust-a")
+        .expect("node a is sampled as pending");
+    assert_eq!(sample.phase, "Pending");
+    assert!(
+        sample.reason.contains("\"bpfpoly-agent/sim-trust-b\"")
+            && sample.reason.contains("\"bpfpoly-agent/sim-trust-a\""),
+        "{}",
+        sample.reason
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
+    let ev = wait_for("UntrustedNodeStatus Event", 10, || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("UntrustedNodeStatus")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(program)
+            })
+    })
+    .await;
+    assert!(
+        ev.note.as_deref().unwrap_or_default().starts_with(
+            "node sim-trust-a: status written by field manager \"bpfpoly-agent/sim-trust-b\""
+        ),
+        "{:?}",
+        ev.note
+    );
+    let metrics = http_get_metrics(19478).await;
+    assert!(
+        metrics.contains("bpfpoly_ignored_node_status{kind=\"state\"} 1"),
+        "{metrics}"
+    );
+
+    // Node a's own agent reports: its whole status list is now its own, and believed.
+    sim_report(&c, "sim-trust-a", program, 1, "Loaded").await;
+    wait_for("both loaded", 20, || async {
+        let s = bpp.get(program).await.unwrap().status?;
+        (s.nodes.loaded == 2 && s.nodes.pending == 0).then_some(())
+    })
+    .await;
+    let metrics = http_get_metrics(19478).await;
+    assert!(
+        metrics.contains("bpfpoly_ignored_node_status{kind=\"state\"} 0"),
+        "{metrics}"
+    );
+
+    // Even its own agent is not believed when it reports a generation never assigned.
+    sim_report(&c, "sim-trust-a", program, 7, "Loaded").await;
+    let status = wait_for("generation 7 refused", 20, || async {
+        let s = bpp.get(program).await.unwrap().status?;
+        (s.nodes.loaded == 1).then_some(s)
+    })
+    .await;
+    let sample = status
+        .samples
+        .iter()
+        .find(|s| s.node == "sim-trust-a")
+        .expect("node a is sampled");
+    assert!(
+        sample.reason.contains("reports generation 7"),
+        "{}",
+        sample.reason
+    );
+    cleanup(&c, test, &nodes, &[program]).await;
 }
 
 async fn http_get_metrics(port: u16) -> String {

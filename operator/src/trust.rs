@@ -1,0 +1,248 @@
+//! Which node-reported status the operator believes. Pure.
+//!
+//! Every agent writes the status of its own node's `BpfNodeState` and `BpfNodeProfile` with
+//! the field manager `bpfpoly-agent/<node>`. The API server records, per object, which
+//! manager last wrote which fields (`metadata.managedFields`). A status owned by any other
+//! manager (another node's agent, `kubectl`, a script) is ignored and reported, and so is a
+//! status that contradicts its own assignment (a generation the operator never assigned, a
+//! variant that was not a candidate).
+//!
+//! What this cannot catch: field manager names are chosen by the client, so an agent
+//! credential that deliberately claims another node's manager name is not detected here. On
+//! Kubernetes 1.20 the API gives no per-node identity for a DaemonSet's service account;
+//! closing that gap needs admission control on the writer's identity (see the README's
+//! security model).
+
+use bpfpoly_crds::state::{agent_field_manager, Phase, ProgramAssignment, ProgramStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
+
+/// Reduces `managedFields` to the entries that own part of `status`, each with a token
+/// field set, which is all [`foreign_status_writers`] reads (the full entries are a large
+/// share of a cached object).
+pub fn keep_status_writers(meta: &mut ObjectMeta) {
+    let Some(entries) = meta.managed_fields.take() else {
+        return;
+    };
+    let kept: Vec<ManagedFieldsEntry> = entries
+        .into_iter()
+        .filter(|e| owns_status(e))
+        .map(|e| ManagedFieldsEntry {
+            manager: e.manager,
+            operation: e.operation,
+            fields_v1: Some(FieldsV1(serde_json::json!({"f:status": {}}))),
+            ..ManagedFieldsEntry::default()
+        })
+        .collect();
+    meta.managed_fields = (!kept.is_empty()).then_some(kept);
+}
+
+fn owns_status(e: &ManagedFieldsEntry) -> bool {
+    e.fields_v1
+        .as_ref()
+        .and_then(|f| f.0.as_object())
+        .is_some_and(|f| f.contains_key("f:status"))
+}
+
+/// Field managers other than `node`'s own agent that own part of the object's status, each
+/// once, in the order recorded.
+pub fn foreign_status_writers(node: &str, meta: &ObjectMeta) -> Vec<String> {
+    let own = agent_field_manager(node);
+    let mut foreign: Vec<String> = Vec::new();
+    for e in meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| owns_status(e))
+    {
+        let manager = e.manager.clone().unwrap_or_else(|| "(unnamed)".into());
+        if manager != own && !foreign.contains(&manager) {
+            foreign.push(manager);
+        }
+    }
+    foreign
+}
+
+/// Why the status of `node` is not believed, or `None` when its own agent wrote all of it.
+pub fn untrusted_status(node: &str, meta: &ObjectMeta) -> Option<String> {
+    let foreign = foreign_status_writers(node, meta);
+    if foreign.is_empty() {
+        return None;
+    }
+    let quoted: Vec<String> = foreign.iter().map(|m| format!("{m:?}")).collect();
+    Some(format!(
+        "status written by field manager {}, not by this node's agent ({:?}); ignored",
+        quoted.join(", "),
+        agent_field_manager(node)
+    ))
+}
+
+/// Why one program's reported status contradicts what was assigned to the node, if it does.
+/// `assigned` is the node's current assignment of that program, when it has one.
+pub fn inconsistent_entry(
+    assigned: Option<&ProgramAssignment>,
+    reported: &ProgramStatus,
+) -> Option<String> {
+    let a = assigned?;
+    if reported.observed_generation > a.generation {
+        return Some(format!(
+            "reports generation {} of {:?}, but generation {} is the newest assigned to it; ignored",
+            reported.observed_generation, reported.name, a.generation
+        ));
+    }
+    if reported.observed_generation == a.generation
+        && matches!(reported.phase, Phase::Loaded | Phase::Degraded)
+    {
+        if let Some(v) = &reported.variant {
+            if !a.candidates.iter().any(|c| &c.name == v) {
+                let names: Vec<&str> = a.candidates.iter().map(|c| c.name.as_str()).collect();
+                return Some(format!(
+                    "reports variant {v:?} of {:?}, which is not among its candidates [{}]; ignored",
+                    reported.name,
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bpfpoly_crds::program::Variant;
+
+    fn entry(manager: &str, fields: serde_json::Value) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some("Apply".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..ManagedFieldsEntry::default()
+        }
+    }
+
+    fn meta(entries: Vec<ManagedFieldsEntry>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some("n1".into()),
+            managed_fields: Some(entries),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn status_fields() -> serde_json::Value {
+        serde_json::json!({"f:status": {"f:programs": {}, "f:summary": {"f:loaded": {}}}})
+    }
+
+    #[test]
+    fn own_agent_and_spec_writers_are_trusted() {
+        let m = meta(vec![
+            entry(
+                "bpfpoly-operator",
+                serde_json::json!({"f:spec": {"f:programs": {}}}),
+            ),
+            entry("bpfpoly-agent/n1", status_fields()),
+        ]);
+        assert_eq!(untrusted_status("n1", &m), None);
+        assert_eq!(untrusted_status("n1", &ObjectMeta::default()), None);
+    }
+
+    #[test]
+    fn another_nodes_agent_or_a_person_is_named() {
+        let m = meta(vec![
+            entry("bpfpoly-agent/n1", status_fields()),
+            entry(
+                "bpfpoly-agent/n2",
+                serde_json::json!({"f:status": {"f:programs": {}}}),
+            ),
+            entry(
+                "kubectl-edit",
+                serde_json::json!({"f:status": {"f:summary": {}}}),
+            ),
+            entry("bpfpoly-agent/n2", serde_json::json!({"f:status": {}})),
+        ]);
+        assert_eq!(
+            foreign_status_writers("n1", &m),
+            vec!["bpfpoly-agent/n2".to_string(), "kubectl-edit".to_string()]
+        );
+        let why = untrusted_status("n1", &m).unwrap();
+        assert!(why.contains("\"bpfpoly-agent/n2\""), "{why}");
+        assert!(why.contains("\"bpfpoly-agent/n1\""), "{why}");
+    }
+
+    #[test]
+    fn pruning_keeps_exactly_the_status_writers() {
+        let mut m = meta(vec![
+            entry("bpfpoly-operator", serde_json::json!({"f:spec": {}})),
+            entry("bpfpoly-agent/n9", status_fields()),
+        ]);
+        let before = foreign_status_writers("n1", &m);
+        keep_status_writers(&mut m);
+        assert_eq!(m.managed_fields.as_ref().map(Vec::len), Some(1));
+        assert_eq!(foreign_status_writers("n1", &m), before);
+        let mut spec_only = meta(vec![entry(
+            "bpfpoly-operator",
+            serde_json::json!({"f:spec": {}}),
+        )]);
+        keep_status_writers(&mut spec_only);
+        assert_eq!(spec_only.managed_fields, None);
+    }
+
+    fn assignment(generation: i64, variants: &[&str]) -> ProgramAssignment {
+        ProgramAssignment {
+            name: "p".into(),
+            generation,
+            candidates: variants
+                .iter()
+                .map(|v| {
+                    serde_json::from_value::<Variant>(serde_json::json!({
+                        "name": v, "bytecode": {"builtin": "packet-classifier-xdp"},
+                        "programs": [{"name": "classify"}]
+                    }))
+                    .unwrap()
+                })
+                .collect(),
+            config: vec![],
+            dispatch: None,
+            fallback: Default::default(),
+        }
+    }
+
+    fn reported(generation: i64, phase: Phase, variant: Option<&str>) -> ProgramStatus {
+        ProgramStatus {
+            name: "p".into(),
+            observed_generation: generation,
+            phase,
+            variant: variant.map(Into::into),
+            ..ProgramStatus::default()
+        }
+    }
+
+    #[test]
+    fn entries_that_contradict_the_assignment_are_refused() {
+        let a = assignment(3, &["xdp", "tc"]);
+        assert_eq!(
+            inconsistent_entry(Some(&a), &reported(3, Phase::Loaded, Some("tc"))),
+            None
+        );
+        // An older generation may run any variant it was given then.
+        assert_eq!(
+            inconsistent_entry(Some(&a), &reported(2, Phase::Loaded, Some("old"))),
+            None
+        );
+        assert_eq!(
+            inconsistent_entry(Some(&a), &reported(3, Phase::Failed, None)),
+            None
+        );
+        assert_eq!(
+            inconsistent_entry(None, &reported(9, Phase::Loaded, Some("x"))),
+            None
+        );
+        let ahead = inconsistent_entry(Some(&a), &reported(4, Phase::Loaded, Some("xdp"))).unwrap();
+        assert!(ahead.contains("generation 4"), "{ahead}");
+        let stranger =
+            inconsistent_entry(Some(&a), &reported(3, Phase::Degraded, Some("kprobe"))).unwrap();
+        assert!(
+            stranger.contains("\"kprobe\"") && stranger.contains("[xdp, tc]"),
+            "{stranger}"
+        );
+    }
+}
