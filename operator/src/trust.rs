@@ -25,7 +25,7 @@ pub fn keep_status_writers(meta: &mut ObjectMeta) {
     };
     let kept: Vec<ManagedFieldsEntry> = entries
         .into_iter()
-        .filter(|e| owns_status(e))
+        .filter(owns_status)
         .map(|e| ManagedFieldsEntry {
             manager: e.manager,
             operation: e.operation,
@@ -52,7 +52,7 @@ pub fn foreign_status_writers(node: &str, meta: &ObjectMeta) -> Vec<String> {
         .managed_fields
         .iter()
         .flatten()
-        .filter(|e| owns_status(e))
+        .filter(owns_status)
     {
         let manager = e.manager.clone().unwrap_or_else(|| "(unnamed)".into());
         if manager != own && !foreign.contains(&manager) {
