@@ -52,7 +52,7 @@ pub fn foreign_status_writers(node: &str, meta: &ObjectMeta) -> Vec<String> {
         .managed_fields
         .iter()
         .flatten()
-        .filter(owns_status)
+        .filter(|e| owns_status(e))
     {
         let manager = e.manager.clone().unwrap_or_else(|| "(unnamed)".into());
         if manager != own && !foreign.contains(&manager) {
