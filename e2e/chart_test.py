@@ -10,7 +10,9 @@ What is tested:
   Lint        strict lint of the default values and of every value set below
   Render      the default values and four other value sets, asserted field by field: mounts
               (propagation, readOnly, hostPath), security contexts, RBAC verbs per resource,
-              arguments, scheduling, monitoring objects, dashboard label
+              arguments, scheduling, monitoring objects, dashboard label; the agents' own-node
+              ValidatingAdmissionPolicy, rendered as for a cluster serving it (>= 1.30) and
+              absent otherwise (1.20, the offline default) or when agent.ownNodePolicy=false
   Schema      wrong types, unknown keys (at every level) and bad enums are rejected; every
               object of the schema closes additionalProperties; README lists every value
   Dashboard   the JSON parses, every PromQL metric name is one of the design's, each required
@@ -146,6 +148,42 @@ REQUIRED_SERIES = {
 
 def render(values: dict[str, Any], namespace: str = "bpfpoly-system", name: str = "demo") -> dict[str, str]:
     return CHART.render(values, name=name, namespace=namespace)
+
+
+# What `helm template --api-versions <v> --kube-version <k>` renders for: a cluster serving
+# ValidatingAdmissionPolicy (>= 1.30), which neither the offline default nor 1.20 does.
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+
+
+def render_for(values: dict[str, Any], *, api_versions: list[str] | None = None, kube_version: str | None = None,
+               namespace: str = "bpfpoly-system", name: str = "demo") -> dict[str, str]:
+    """An offline render with extra API versions and a Kubernetes version, the equivalents of
+    `helm template --api-versions --kube-version`. The wheel's Chart.render does not expose
+    them; its library's render options do (and refuse unknown option names, so a misspelt
+    option fails here instead of being ignored)."""
+    from helm_python import _native
+
+    opts: dict[str, Any] = {"name": name, "namespace": namespace}
+    if api_versions is not None:
+        opts["api_versions"] = api_versions
+    if kube_version is not None:
+        opts["kube_version"] = kube_version
+    return json.loads(_native.call_string("helm_render", CHART._raw(), json.dumps(values), json.dumps(opts)))
+
+
+def cel_syntax_problems(expr: str) -> list[str]:
+    """Cheap CEL sanity checks (no CEL library here): every string literal closed, brackets
+    balanced and properly nested."""
+    rest = re.sub(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"", "S", expr)  # literals out
+    if "'" in rest or '"' in rest:
+        return [f"unterminated string literal in {expr!r}"]
+    stack: list[str] = []
+    for ch in rest:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in ")]}" and (not stack or stack.pop() != "([{"[")]}".index(ch)]):
+            return [f"unbalanced {ch} in {expr!r}"]
+    return [f"unclosed {''.join(stack)} in {expr!r}"] if stack else []
 
 
 def objects_of(rendered: dict[str, str]) -> list[dict[str, Any]]:
@@ -640,6 +678,85 @@ class T2Render(unittest.TestCase):
         no_rbac = kinds(objects_of(render({"rbac": {"create": False}})))
         self.assertFalse({"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(no_rbac))
 
+    # --- the agents' own-node ValidatingAdmissionPolicy (clusters serving it: >= 1.30) ---
+
+    NODE_NAME_EXTRA = "request.userInfo.extra['authentication.kubernetes.io/node-name']"
+
+    def vap_objs(self, values: dict[str, Any] | None = None, **kw: Any) -> list[dict[str, Any]]:
+        return objects_of(render_for(values or {}, api_versions=[VAP_API], kube_version="v1.31.0", **kw))
+
+    def test_own_node_policy(self):
+        objs = self.vap_objs()
+        vap = find(objs, "ValidatingAdmissionPolicy", "demo-bpfpoly-agent-own-node")
+        vapb = find(objs, "ValidatingAdmissionPolicyBinding", "demo-bpfpoly-agent-own-node")
+        for o in (vap, vapb):
+            self.assertEqual(o["apiVersion"], "admissionregistration.k8s.io/v1")
+            self.assertNotIn("namespace", o["metadata"], "cluster-scoped")
+            self.assertEqual(o["metadata"]["labels"]["app.kubernetes.io/instance"], "demo")
+            self.assertEqual(o["metadata"]["labels"]["app.kubernetes.io/component"], "agent")
+        spec = vap["spec"]
+        self.assertEqual(spec["failurePolicy"], "Fail")
+        self.assertNotIn("paramKind", spec)
+        [rule] = spec["matchConstraints"]["resourceRules"]
+        self.assertEqual(rule["apiGroups"], ["bpfpoly.io"])
+        self.assertEqual(rule["apiVersions"], ["*"])
+        self.assertEqual(sorted(rule["operations"]), ["CREATE", "UPDATE"], "PATCH arrives as UPDATE (or CREATE)")
+        self.assertEqual(sorted(rule["resources"]), ["bpfnodeprofiles", "bpfnodeprofiles/status",
+                                                     "bpfnodestates", "bpfnodestates/status"])
+        # Only the agents' requests are judged (the operator writes every node's objects).
+        self.assertEqual(spec["matchConditions"], [{
+            "name": "agent-service-account",
+            "expression": "request.userInfo.username == 'system:serviceaccount:bpfpoly-system:demo-bpfpoly-agent'"}])
+        has_extra, own_node = spec["validations"]
+        for v in (has_extra, own_node):
+            self.assertEqual(v["reason"], "Forbidden")
+            self.assertTrue(v["message"].startswith("bpfpoly: "), v["message"])
+            for expr in (v["expression"], v["messageExpression"]):
+                self.assertEqual(cel_syntax_problems(expr), [])
+            # The message names the node the object belongs to.
+            self.assertIn("object.metadata.name", v["messageExpression"])
+        # 1: a token without a node name (extra absent, or no node-name key) is denied.
+        self.assertIn("has(request.userInfo.extra)", has_extra["expression"])
+        self.assertIn("'authentication.kubernetes.io/node-name' in request.userInfo.extra", has_extra["expression"])
+        self.assertIn("no node name", has_extra["message"])
+        # 2: the token's node must be the object's name (exactly one value), guarded so that
+        # a missing extra is reported by 1, not as an evaluation error.
+        e = own_node["expression"]
+        self.assertIn(f"size({self.NODE_NAME_EXTRA}) == 1", e)
+        self.assertIn(f"{self.NODE_NAME_EXTRA}[0] == object.metadata.name", e)
+        self.assertTrue(e.startswith("!has(request.userInfo.extra) || "
+                                     "!('authentication.kubernetes.io/node-name' in request.userInfo.extra) || "), e)
+        self.assertIn(f"{self.NODE_NAME_EXTRA}.join(", own_node["messageExpression"], "names the token's node")
+        self.assertEqual(vapb["spec"], {"policyName": "demo-bpfpoly-agent-own-node", "validationActions": ["Deny"]})
+        # Nothing else changes: every other object is the default render's.
+        self.assertEqual([o for o in objs if o not in (vap, vapb)], self.objs("default"))
+
+    def test_own_node_policy_names(self):
+        objs = self.vap_objs({"fullnameOverride": "bp", "agent": {"serviceAccount": {"create": False, "name": "node-sa"}}},
+                             namespace="ebpf")
+        vap = find(objs, "ValidatingAdmissionPolicy", "bp-agent-own-node")
+        self.assertEqual(vap["spec"]["matchConditions"][0]["expression"],
+                         "request.userInfo.username == 'system:serviceaccount:ebpf:node-sa'")
+        self.assertEqual(find(objs, "ValidatingAdmissionPolicyBinding", "bp-agent-own-node")["spec"]["policyName"],
+                         "bp-agent-own-node")
+
+    def test_own_node_policy_absent(self):
+        policy_kinds = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+        cases = {
+            "value false": render_for({"agent": {"ownNodePolicy": False}}, api_versions=[VAP_API], kube_version="v1.31.0"),
+            "offline default": render({}),
+            "1.20": render_for({}, kube_version="v1.20.2"),
+            # 1.20 serves admissionregistration.k8s.io/v1 (webhook configurations), not the kind.
+            "group version only": render_for({}, api_versions=["admissionregistration.k8s.io/v1"], kube_version="v1.20.2"),
+        }
+        for label, rendered in cases.items():
+            with self.subTest(label):
+                self.assertFalse(policy_kinds & set(kinds(objects_of(rendered))))
+                self.assertNotIn("ValidatingAdmissionPolicy", "".join(rendered.values()))
+        # And on 1.20 the chart is exactly what it was.
+        self.assertEqual(objects_of(render_for({}, kube_version="v1.20.2")),
+                         objects_of(render_for({"agent": {"ownNodePolicy": False}}, kube_version="v1.20.2")))
+
 
 # ========================================================================================
 # Schema
@@ -658,6 +775,7 @@ BAD_VALUES = [
     ("metricsPort string", {"agent": {"metricsPort": "9464"}}, "/agent/metricsPort"),
     ("podMonitor.enabled string", {"metrics": {"podMonitor": {"enabled": "true"}}}, "/metrics/podMonitor/enabled"),
     ("extraArgs string", {"agent": {"extraArgs": "--debug"}}, "/agent/extraArgs"),
+    ("ownNodePolicy string", {"agent": {"ownNodePolicy": "true"}}, "/agent/ownNodePolicy"),
     # unknown keys, at every level
     ("unknown top-level key", {"agnet": {"securityMode": "privileged"}}, "agnet"),
     ("unknown agent key", {"agent": {"securityContext": {"privileged": False}}}, "securityContext"),
