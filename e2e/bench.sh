@@ -175,25 +175,13 @@ print(sum(1 for s in items if len(s.get("spec", {}).get("programs", [])) == int(
 ' "$PROGRAMS" || echo "?"
 }
 
-# The scale example starts the operator with --metrics-addr 127.0.0.1:19480; another scale
-# run (on any cluster) holding that port would make ours fail. Waits up to 5 min for it.
-SCALE_METRICS_PORT=19480
-wait_scale_port() {
-    local t0=$SECONDS
-    while ss -Hltn "sport = :$SCALE_METRICS_PORT" 2>/dev/null | grep -q .; do
-        ((SECONDS - t0 == 0)) && log "  port $SCALE_METRICS_PORT is taken (another scale run?); waiting for it (up to 300 s)"
-        ((SECONDS - t0 > 300)) && die "port 127.0.0.1:$SCALE_METRICS_PORT (the operator's metrics in operator/examples/scale.rs) is still taken after 300 s"
-        sleep 2
-    done
-}
-
 # CPU seconds (user + system) of a process; empty when it is gone.
 cpu_seconds() {
     awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat" 2>/dev/null || true
 }
 
 # Runs `scale N PROGRAMS` for at most $2 seconds; writes $OUT/operator-N.json. Returns 3
-# when the operator exited early (e.g. another scale run took its metrics port meanwhile).
+# when the operator exited early.
 # Samples the operator's peak RSS (VmHWM) and CPU time every second itself, so that a run
 # stopped by the time box still reports them (as "so far" figures).
 run_scale() {
@@ -201,7 +189,6 @@ run_scale() {
     rm -f "$OUT/scale-$n.hwm" "$OUT/scale-$n.cpu"
     local api_pid api_cpu0 op_pid op_cpu="" op_hwm=""
     rm -f "$pidfile"
-    wait_scale_port
     api_pid="$(cat "$PRIVATE/.run/cluster/kube-apiserver.pid")"
     api_cpu0="$(cpu_seconds "$api_pid")"
     # A process group of its own (the operator is scale's child), stopped as a whole. TMPDIR:

@@ -52,7 +52,7 @@ pub fn agent_field_manager(node: &str) -> String {
 pub struct BpfNodeStateSpec {
     /// Programs assigned to this node, written by the operator.
     #[serde(default)]
-    pub programs: Vec<ProgramAssignment>,
+    pub programs: Vec<std::sync::Arc<ProgramAssignment>>,
 }
 
 /// One program assigned to a node: the candidates in order and the resolved config.
@@ -63,7 +63,8 @@ pub struct ProgramAssignment {
     pub name: String,
     /// BpfPolyProgram generation this assignment was computed from.
     pub generation: i64,
-    /// Eligible variants in the order the agent tries them.
+    /// Eligible variants in the order the agent tries them, without their `requires` (the
+    /// operator has checked those for this node).
     pub candidates: Vec<Variant>,
     /// Config values to write into `.rodata`, after node-level fallback.
     #[serde(default)]

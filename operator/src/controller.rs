@@ -227,7 +227,12 @@ fn believed<'a>(
     else {
         return Ok(None);
     };
-    let assigned = state.spec.programs.iter().find(|a| a.name == name);
+    let assigned = state
+        .spec
+        .programs
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| &**a);
     match crate::trust::inconsistent_entry(assigned, reported) {
         Some(why) => Err(why),
         None => Ok(Some(reported)),
@@ -380,7 +385,13 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
                             candidates: d
                                 .eligible
                                 .iter()
-                                .filter_map(|e| by_name.get(e.name.as_str()).map(|v| (*v).clone()))
+                                .filter_map(|e| by_name.get(e.name.as_str()))
+                                // The operator has checked the requirements; the agent does
+                                // not read them, and they would be written to every node.
+                                .map(|v| bpfpoly_crds::program::Variant {
+                                    requires: Default::default(),
+                                    ..(*v).clone()
+                                })
                                 .collect(),
                             config: d.config.clone(),
                             dispatch: p.spec.dispatch.clone(),

@@ -3,6 +3,7 @@
 pub mod aggregate;
 pub mod controller;
 pub mod explain;
+pub mod intern;
 pub mod metrics;
 pub mod rollout;
 pub mod run;

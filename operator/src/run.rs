@@ -156,6 +156,7 @@ fn reflect<K>(
     changed: Arc<tokio::sync::Notify>,
     fingerprint: fn(&K) -> u64,
     quiet_when_new: Option<u64>,
+    compact: impl FnMut(&mut K) + Send + 'static,
 ) -> (Store<K>, impl std::future::Future<Output = ()>)
 where
     K: kube::Resource<DynamicType = ()>
@@ -167,11 +168,10 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    // managedFields are a large share of each cached object; only who wrote the status is
-    // read (crate::trust).
+    // Objects are compacted before they are cached (see the callers).
     let stream = watcher(api, watcher::Config::default())
         .backoff(WatchBackoff::default())
-        .modify(|o: &mut K| crate::trust::keep_status_writers(o.meta_mut()))
+        .modify(compact)
         .reflect(writer);
     let task = async move {
         let mut seen: std::collections::HashMap<String, u64> = Default::default();
@@ -296,6 +296,14 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         changed.clone(),
         |n: &Node| hash_of(&n.metadata.labels),
         None,
+        // Only names and labels are read: a real Node's status (images, conditions) and
+        // annotations would be most of the cache.
+        |n: &mut Node| {
+            n.status = None;
+            n.spec = None;
+            n.metadata.annotations = None;
+            n.metadata.managed_fields = None;
+        },
     );
     let (profiles, profiles_task) = reflect(
         Api::<BpfNodeProfile>::all(client.clone()),
@@ -303,6 +311,8 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         changed.clone(),
         |p: &BpfNodeProfile| status_fingerprint(&p.status, &p.metadata),
         Some(status_fingerprint(&None::<()>, &Default::default())),
+        // managedFields are a large share of each object; only who wrote the status is read.
+        |p: &mut BpfNodeProfile| crate::trust::keep_status_writers(&mut p.metadata),
     );
     let (states, states_task) = reflect(
         Api::<BpfNodeState>::all(client.clone()),
@@ -310,6 +320,13 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         changed.clone(),
         |s: &BpfNodeState| status_fingerprint(&s.status, &s.metadata),
         Some(status_fingerprint(&None::<()>, &Default::default())),
+        {
+            let interner = crate::intern::Interner::default();
+            move |s: &mut BpfNodeState| {
+                crate::trust::keep_status_writers(&mut s.metadata);
+                s.spec.programs.iter_mut().for_each(|a| interner.intern(a));
+            }
+        },
     );
     drop(tx);
     tokio::spawn(nodes_task);

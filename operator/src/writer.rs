@@ -135,16 +135,16 @@ async fn settle(ctx: &Context) {
 fn desired_programs(
     ctx: &Context,
     node: &str,
-    current: &[ProgramAssignment],
-) -> Vec<ProgramAssignment> {
+    current: &[Arc<ProgramAssignment>],
+) -> Vec<Arc<ProgramAssignment>> {
     let targets = ctx
         .targets
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut out: Vec<ProgramAssignment> = Vec::new();
+    let mut out: Vec<Arc<ProgramAssignment>> = Vec::new();
     for (program, t) in targets.iter() {
         if let Some(a) = t.assignments.get(node) {
-            out.push(ProgramAssignment::clone(a));
+            out.push(a.clone());
         } else if t.keep.contains(node) {
             // The rollout has not reached this node: it keeps its version (if any).
             out.extend(current.iter().filter(|a| &a.name == program).cloned());
