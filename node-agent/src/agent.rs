@@ -2,13 +2,13 @@
 //! applies the node's assignments through the loader, and reports status, Events and
 //! metrics. SIGTERM (or SIGKILL) leaves the programs running; a restarted agent adopts them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bpfpoly_agent::fetch::{check_sha256, fetch_path, FetchError};
-use bpfpoly_agent::loader::{Loader, LoaderConfig, Outcome};
+use bpfpoly_agent::fetch::{check_sha256, describe, fetch_path, FetchError, Prefetched};
+use bpfpoly_agent::loader::{assignment_digest, Loader, LoaderConfig, Outcome};
 use bpfpoly_crds::program::Bytecode;
 use bpfpoly_crds::requirement::Query;
 use bpfpoly_crds::select::attach_program_type;
@@ -22,6 +22,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 
 use crate::metrics::{Metrics, ProgramSnapshot};
+use crate::retry::{Attempt, LoadBackoff};
 use crate::{btf, probe, profile};
 use bpfpoly_agent::builtin;
 
@@ -138,6 +139,8 @@ struct Agent {
     metrics: Metrics,
     recorder: Recorder,
     kbtf: Option<Arc<btf::KernelBtf>>,
+    /// `kbtf` is the running kernel's (the probes take their attach targets from it).
+    btf_is_running_kernel: bool,
     release: String,
     /// Program types seen loading for real, published in the profile.
     observed: BTreeSet<String>,
@@ -145,6 +148,8 @@ struct Agent {
     unloaded: BTreeMap<String, ProgramStatus>,
     /// Last answered queries, to answer only on change.
     answered: Vec<String>,
+    /// Failed loads waiting for their next try, with the status to report meanwhile.
+    backoff: LoadBackoff<ProgramStatus>,
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, AgentError> {
@@ -256,9 +261,11 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         loader,
         metrics,
         kbtf,
+        btf_is_running_kernel: node_profile.btf_is_running_kernel,
         observed: BTreeSet::new(),
         unloaded: BTreeMap::new(),
         answered: Vec::new(),
+        backoff: LoadBackoff::default(),
     };
     // The API server may not be reachable yet (or restarting): retry rather than exit.
     while let Err(e) = agent
@@ -288,7 +295,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut states = std::pin::pin!(states);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Client(format!("signal handler: {e}")))?;
-    // Failed loads are retried on a timer too (a ConfigMap may appear, an interface come up).
+    // Failed loads are retried on a timer too (a ConfigMap may appear, an interface come
+    // up): each when its backoff ends (`retry`), and everything every 30 s.
     let mut resync = tokio::time::interval(std::time::Duration::from_secs(30));
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_state: Option<BpfNodeState> = None;
@@ -307,6 +315,9 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         last.as_ref().is_none_or(|l| generation(s) >= generation(l))
     };
     loop {
+        let retry_due = agent.backoff.next_due();
+        let retry_at =
+            tokio::time::Instant::from_std(retry_due.unwrap_or_else(std::time::Instant::now));
         tokio::select! {
             Some(p) = profiles.next() => match p {
                 Ok(p) => agent.answer(&p).await,
@@ -336,6 +347,11 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                 }
             },
             _ = resync.tick() => {
+                if let Some(s) = &last_state {
+                    agent.reconcile(s).await;
+                }
+            },
+            _ = tokio::time::sleep_until(retry_at), if retry_due.is_some() => {
                 if let Some(s) = &last_state {
                     agent.reconcile(s).await;
                 }
@@ -514,9 +530,13 @@ impl Agent {
             })
             .collect();
         let kbtf = self.kbtf.clone();
+        let running_btf = self.btf_is_running_kernel;
         let release = self.release.clone();
         let built = tokio::task::spawn_blocking(move || {
-            let probed = probe::probe_all(&queries);
+            let probed = probe::probe_all(&queries, || match &kbtf {
+                Some(b) if running_btf => probe::AttachTargets::from_btf(b),
+                _ => probe::AttachTargets::from_running_kernel(),
+            });
             let mut status = profile::build_profile(kbtf.as_deref(), &release, &queries, &probed).0;
             if let Some(b) = &kbtf {
                 status.btf.source = b.source().display().to_string();
@@ -571,17 +591,16 @@ impl Agent {
     }
 
     /// Fetches every bytecode the assignment may need (ConfigMaps are async, so before the
-    /// blocking load). Results are keyed by the source's JSON.
-    async fn prefetch(&self, a: &ProgramAssignment) -> HashMap<String, Result<Vec<u8>, String>> {
-        let mut out = HashMap::new();
+    /// blocking load).
+    async fn prefetch(&self, a: &ProgramAssignment) -> Prefetched {
+        let mut out = Prefetched::default();
         for v in &a.candidates {
             for b in std::iter::once(&v.bytecode).chain(v.handler_bytecode.iter()) {
-                let key = serde_json::to_string(b).unwrap_or_default();
-                if out.contains_key(&key) {
+                if out.contains(b) {
                     continue;
                 }
-                let got = self.fetch_one(b).await.map_err(|e| e.to_string());
-                out.insert(key, got);
+                let got = self.fetch_one(b).await;
+                out.insert(b, got);
             }
         }
         out
@@ -600,7 +619,7 @@ impl Agent {
             return Ok(bytes.to_vec());
         }
         if let Some(cm) = &b.config_map {
-            let what = format!("configMap {}/{} key {}", cm.namespace, cm.name, cm.key);
+            let what = describe(b);
             if !self.opts.configmap_namespaces.contains(&cm.namespace) {
                 return Err(FetchError::Unavailable {
                     what,
@@ -653,8 +672,8 @@ impl Agent {
             );
         }
         Err(FetchError::Unavailable {
-            what: "bytecode".into(),
-            reason: "no source set".into(),
+            what: describe(b),
+            reason: "none of builtin, configMap and path is set".into(),
         })
     }
 
@@ -684,24 +703,34 @@ impl Agent {
             })
             .collect();
         for a in &desired {
-            let fetched = self.prefetch(a).await;
+            let attempt = Attempt {
+                digest: assignment_digest(a),
+                generation: a.generation,
+            };
+            // A failed assignment waits for its next try: report what its last try said.
+            if let Some(last) = self
+                .backoff
+                .waiting(&a.name, &attempt, std::time::Instant::now())
+            {
+                statuses.push(last.clone());
+                continue;
+            }
+            // What runs already is not fetched again: the loader finds it unchanged.
+            let running = self
+                .loader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .running()
+                .any(|(name, info)| name == a.name && info.digest == attempt.digest);
+            let fetched = if running {
+                Prefetched::default()
+            } else {
+                self.prefetch(a).await
+            };
             let loader = self.loader.clone();
             let a2 = a.clone();
             let applied = tokio::task::spawn_blocking(move || {
-                let fetch = |b: &Bytecode| -> Result<Vec<u8>, FetchError> {
-                    let key = serde_json::to_string(b).unwrap_or_default();
-                    match fetched.get(&key) {
-                        Some(Ok(bytes)) => Ok(bytes.clone()),
-                        Some(Err(e)) => Err(FetchError::Unavailable {
-                            what: "bytecode".into(),
-                            reason: e.clone(),
-                        }),
-                        None => Err(FetchError::Unavailable {
-                            what: "bytecode".into(),
-                            reason: "not fetched".into(),
-                        }),
-                    }
-                };
+                let fetch = |b: &Bytecode| fetched.get(b);
                 let mut l = loader
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -722,12 +751,28 @@ impl Agent {
                 tracing::info!(program = %a.name, outcome = ?applied.outcome, phase = ?applied.status.phase,
                     variant = ?applied.status.variant, ms = applied.duration.as_millis() as u64, "applied");
             }
+            match applied.outcome {
+                Outcome::Failed | Outcome::KeptPrevious => {
+                    let delay = self.backoff.failed(
+                        &a.name,
+                        attempt,
+                        std::time::Instant::now(),
+                        applied.status.clone(),
+                    );
+                    tracing::info!(program = %a.name, generation = a.generation,
+                        retry_in_s = delay.as_secs(), "load failed; trying again later");
+                }
+                Outcome::Loaded | Outcome::Updated | Outcome::Unchanged => {
+                    self.backoff.succeeded(&a.name);
+                }
+            }
             self.record(a, &applied.status, &applied.fallbacks, applied.outcome)
                 .await;
             statuses.push(applied.status);
         }
         // Programs no longer assigned: detach and unpin.
         let wanted: BTreeSet<&str> = desired.iter().map(|a| a.name.as_str()).collect();
+        self.backoff.retain(|name| wanted.contains(name));
         let running: Vec<String> = {
             let l = self
                 .loader

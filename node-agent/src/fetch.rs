@@ -1,5 +1,9 @@
-//! Bytecode from the node's filesystem (`bytecode.path`), and the SHA-256 check that
-//! every source goes through (builtin, ConfigMap, path).
+//! Bytecode from the node's filesystem (`bytecode.path`), the SHA-256 check that
+//! every source goes through (builtin, ConfigMap, path), and bytecode fetched ahead
+//! of a load ([`Prefetched`]).
+//!
+//! The messages name the source, not the field: whoever reports them says what was
+//! being fetched (the loader writes `bytecode: ...`, `handler bytecode: ...`).
 //!
 //! A path is untrusted input from a custom resource: it must be absolute, free of
 //! `..`, resolve (symlinks followed) to a regular file under one of the agent's
@@ -8,12 +12,14 @@
 //! component swapped for a symlink between the check and the open cannot escape.
 
 use std::{
+    collections::HashMap,
     fs::{self, File},
     io::{self, Read},
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::{Component, Path, PathBuf},
 };
 
+use bpfpoly_crds::program::Bytecode;
 use sha2::{Digest, Sha256};
 
 /// Default size limit of an object file.
@@ -28,26 +34,26 @@ const O_NONBLOCK: i32 = 0o4000;
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// `bytecode.path` is relative.
-    #[error("bytecode path {path:?} is not absolute")]
+    #[error("path {path:?} is not absolute")]
     NotAbsolute {
         /// The path as written.
         path: String,
     },
     /// `bytecode.path` has a `..` component.
-    #[error("bytecode path {path:?} contains a `..` component")]
+    #[error("path {path:?} contains a `..` component")]
     ParentComponent {
         /// The path as written.
         path: String,
     },
     /// The agent was started without allowed bytecode directories.
-    #[error("bytecode path {path:?} cannot be used: the agent allows no bytecode directories")]
+    #[error("path {path:?} cannot be used: the agent allows no bytecode directories")]
     NoAllowedDirs {
         /// The path as written.
         path: String,
     },
     /// The path (after resolving symlinks) is not under an allowed directory.
     #[error(
-        "bytecode path {path:?} resolves to {}, outside the allowed directories ({allowed})",
+        "path {path:?} resolves to {}, outside the allowed directories ({allowed})",
         resolved.display()
     )]
     OutsideAllowedDirs {
@@ -59,7 +65,7 @@ pub enum FetchError {
         allowed: String,
     },
     /// The path could not be resolved, opened or read.
-    #[error("bytecode path {path:?}: {source}")]
+    #[error("path {path:?}: {source}")]
     Io {
         /// The path as written.
         path: String,
@@ -68,13 +74,13 @@ pub enum FetchError {
         source: io::Error,
     },
     /// The path is not a regular file.
-    #[error("bytecode path {path:?} is not a regular file")]
+    #[error("path {path:?} is not a regular file")]
     NotAFile {
         /// The path as written.
         path: String,
     },
     /// The object is larger than the agent accepts.
-    #[error("bytecode {what} is {size} bytes, over the limit of {limit} bytes")]
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     TooLarge {
         /// Which source.
         what: String,
@@ -84,7 +90,7 @@ pub enum FetchError {
         limit: u64,
     },
     /// A source that requires `sha256` has none.
-    #[error("bytecode {what} has no sha256; it is required for this source")]
+    #[error("{what} has no sha256; it is required for this source")]
     MissingSha256 {
         /// Which source.
         what: String,
@@ -104,13 +110,67 @@ pub enum FetchError {
         actual: String,
     },
     /// A source the caller resolves (builtin, ConfigMap) is unavailable.
-    #[error("bytecode {what}: {reason}")]
+    #[error("{what}: {reason}")]
     Unavailable {
         /// Which source, e.g. `builtin "x"` or `configMap ns/name key k`.
         what: String,
         /// Why.
         reason: String,
     },
+    /// A fetch that failed before the load ([`Prefetched`]), with its message.
+    #[error("{0}")]
+    Earlier(String),
+}
+
+/// Bytecode fetched before a load, by source: the agent reads ConfigMaps from the
+/// API server (async) before the blocking load, whose `fetch` then takes the bytes
+/// or the error from here. Errors keep their message as it was, so it names the
+/// source and the cause once.
+#[derive(Debug, Default)]
+pub struct Prefetched(HashMap<String, Result<Vec<u8>, String>>);
+
+impl Prefetched {
+    fn key(source: &Bytecode) -> String {
+        serde_json::to_string(source).unwrap_or_default()
+    }
+
+    /// Whether `source` has been fetched (or failed).
+    pub fn contains(&self, source: &Bytecode) -> bool {
+        self.0.contains_key(&Self::key(source))
+    }
+
+    /// Records what fetching `source` gave.
+    pub fn insert(&mut self, source: &Bytecode, got: Result<Vec<u8>, FetchError>) {
+        self.0
+            .insert(Self::key(source), got.map_err(|e| e.to_string()));
+    }
+
+    /// The bytes of `source`, or why there are none (`Loader::apply`'s `fetch`).
+    pub fn get(&self, source: &Bytecode) -> Result<Vec<u8>, FetchError> {
+        match self.0.get(&Self::key(source)) {
+            Some(Ok(bytes)) => Ok(bytes.clone()),
+            Some(Err(message)) => Err(FetchError::Earlier(message.clone())),
+            None => Err(FetchError::Unavailable {
+                what: describe(source),
+                reason: "not fetched before the load".into(),
+            }),
+        }
+    }
+}
+
+/// The source as the messages name it: `builtin "x"`, `configMap ns/name key k`,
+/// `path "/p"`.
+pub fn describe(source: &Bytecode) -> String {
+    if let Some(name) = &source.builtin {
+        return format!("builtin {name:?}");
+    }
+    if let Some(cm) = &source.config_map {
+        return format!("configMap {}/{} key {}", cm.namespace, cm.name, cm.key);
+    }
+    if let Some(path) = &source.path {
+        return format!("path {path:?}");
+    }
+    "source".into()
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -248,6 +308,97 @@ mod tests {
         );
         assert!(check_sha256(b"", Some(&sha256_hex(b""))).is_ok());
         assert!(check_sha256(b"x", None).is_ok());
+    }
+
+    fn source(json: serde_json::Value) -> Bytecode {
+        serde_json::from_value(json).unwrap_or_else(|e| panic!("a Bytecode: {e}"))
+    }
+
+    /// The loader reports a fetch error as `bytecode: {error}`: the error names the
+    /// source and the cause, and says "bytecode" no second time.
+    #[test]
+    fn messages_name_the_source_once() {
+        let report = |e: FetchError| format!("bytecode: {e}");
+        let cm = source(serde_json::json!({
+            "configMap": {"namespace": "ns", "name": "progs", "key": "prog.o"},
+            "sha256": sha256_hex(b""),
+        }));
+        let builtin = source(serde_json::json!({"builtin": "nope"}));
+        let path = source(serde_json::json!({"path": "/srv/prog.o"}));
+        let cases = [
+            (
+                FetchError::Unavailable {
+                    what: describe(&cm),
+                    reason: "ConfigMap not found".into(),
+                },
+                "bytecode: configMap ns/progs key prog.o: ConfigMap not found",
+            ),
+            (
+                FetchError::Unavailable {
+                    what: describe(&builtin),
+                    reason: "no such built-in object".into(),
+                },
+                "bytecode: builtin \"nope\": no such built-in object",
+            ),
+            (
+                fetch_path("relative.o", None, &[], 1).unwrap_err(),
+                "bytecode: path \"relative.o\" is not absolute",
+            ),
+            (
+                fetch_path("/srv/prog.o", None, &[], 1).unwrap_err(),
+                "bytecode: path \"/srv/prog.o\" has no sha256; it is required for this source",
+            ),
+            (
+                FetchError::TooLarge {
+                    what: describe(&path),
+                    size: 10,
+                    limit: 5,
+                },
+                "bytecode: path \"/srv/prog.o\" is 10 bytes, over the limit of 5 bytes",
+            ),
+        ];
+        for (e, expected) in cases {
+            assert_eq!(report(e), expected);
+        }
+    }
+
+    /// Bytes and errors fetched before the load come back as they were: an error
+    /// keeps its message (no second "bytecode" around it), the bytes are the bytes.
+    #[test]
+    fn prefetched_sources_come_back_unchanged() {
+        let cm = source(serde_json::json!({
+            "configMap": {"namespace": "ns", "name": "progs", "key": "prog.o"},
+            "sha256": sha256_hex(b""),
+        }));
+        let other = source(serde_json::json!({
+            "configMap": {"namespace": "ns", "name": "progs", "key": "other.o"},
+            "sha256": sha256_hex(b""),
+        }));
+        let builtin = source(serde_json::json!({"builtin": "xdp-pass"}));
+        let mut p = Prefetched::default();
+        assert!(!p.contains(&cm));
+        p.insert(
+            &cm,
+            Err(FetchError::Unavailable {
+                what: describe(&cm),
+                reason: "ConfigMap not found".into(),
+            }),
+        );
+        p.insert(&builtin, Ok(b"\x7fELF".to_vec()));
+        assert!(p.contains(&cm) && p.contains(&builtin) && !p.contains(&other));
+
+        let e = p.get(&cm).unwrap_err();
+        assert!(matches!(e, FetchError::Earlier(_)), "{e:?}");
+        assert_eq!(
+            format!("bytecode: {e}"),
+            "bytecode: configMap ns/progs key prog.o: ConfigMap not found"
+        );
+        assert_eq!(p.get(&builtin).ok(), Some(b"\x7fELF".to_vec()));
+        assert_eq!(
+            format!("bytecode: {}", p.get(&other).unwrap_err()),
+            "bytecode: configMap ns/progs key other.o: not fetched before the load"
+        );
+        assert_eq!(describe(&Bytecode::default()), "source");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod btf;
 mod metrics;
 mod probe;
 mod profile;
+mod retry;
 
 // Shared with the library (the loader checks objects with `inspect` too).
 use bpfpoly_agent::{builtin, inspect};
@@ -218,13 +219,8 @@ fn profile_cmd(args: ProfileArgs) -> Result<(), Failure> {
         kernel_release: args.kernel_release,
         queries: args.queries,
     };
-    match profile::profile_node_with_btf(&opts) {
-        Ok((profile, btf)) => {
-            let printed = print_json(&profile);
-            // The process ends here: skip freeing ~100k parsed types one by one.
-            std::mem::forget(btf);
-            printed
-        }
+    match profile::profile_node(&opts) {
+        Ok(profile) => print_json(&profile),
         Err(e @ profile::ProfileError::BadRelease(_)) => Err(Failure::usage(e)),
         Err(e) => Err(Failure::runtime(e)),
     }

@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
@@ -17,7 +18,10 @@ use aya::{
     programs::{LsmAttachType, ProgramError, ProgramType},
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
 use bpfpoly_crds::requirement::{helper_id, Query, MAP_TYPES, PROGRAM_TYPES};
+
+use crate::btf::{KernelBtf, VMLINUX_BTF};
 
 /// What the probes found on the running kernel.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -56,10 +60,47 @@ pub enum ProbeError {
     },
 }
 
+/// The attach targets of the tracing and lsm program type probes, as aya's
+/// `is_program_supported` names them: `bpf_fentry_test1` (the fentry target of the
+/// kernel's BPF_PROG_TEST_RUN tests) and `bpf_lsm_bpf` (the BPF LSM hook of bpf()).
+pub const FENTRY_TARGET: &str = "bpf_fentry_test1";
+/// See [`FENTRY_TARGET`].
+pub const LSM_TARGET: &str = "bpf_lsm_bpf";
+
+/// BTF ids, in the running kernel's BTF, of [`FENTRY_TARGET`] and [`LSM_TARGET`];
+/// 0 where the function is missing (the probe then reads the verifier's answer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachTargets {
+    /// `attach_btf_id` of the tracing (fentry) probe.
+    pub fentry: u32,
+    /// `attach_btf_id` of the lsm probe.
+    pub lsm: u32,
+}
+
+impl AttachTargets {
+    /// From BTF already parsed, which must be the running kernel's.
+    pub fn from_btf(btf: &KernelBtf) -> AttachTargets {
+        AttachTargets {
+            fentry: btf.func_id(FENTRY_TARGET).unwrap_or(0),
+            lsm: btf.func_id(LSM_TARGET).unwrap_or(0),
+        }
+    }
+
+    /// Reads the running kernel's BTF for them (when the BTF at hand is another
+    /// kernel's); all 0 when it cannot be read.
+    pub fn from_running_kernel() -> AttachTargets {
+        KernelBtf::load(std::path::Path::new(VMLINUX_BTF))
+            .map(|b| AttachTargets::from_btf(&b))
+            .unwrap_or_default()
+    }
+}
+
 /// Probes every program type and map type, and the helpers `queries` ask about.
-pub fn probe_all(queries: &[Query]) -> Probed {
+/// `targets` is called (at most once, after every other type probe) for the attach
+/// targets of the tracing and lsm probes, so the caller can parse BTF meanwhile.
+pub fn probe_all(queries: &[Query], targets: impl FnOnce() -> AttachTargets) -> Probed {
     let start = Instant::now();
-    let mut probed = probe_features();
+    let mut probed = probe_features(targets);
     if probed.notes.iter().any(|n| n.starts_with(PROBES_SKIPPED)) {
         return probed;
     }
@@ -96,13 +137,26 @@ pub fn probe_all(queries: &[Query]) -> Probed {
 
 const PROBES_SKIPPED: &str = "feature probes skipped";
 
-/// Probes every program type and map type of the API tables.
-pub fn probe_features() -> Probed {
+/// What one program type probe found.
+enum TypeProbe {
+    /// The loader has no program type of that name.
+    Unknown,
+    /// Supported or not.
+    Answer(bool),
+    /// The probe could not decide; why.
+    Inconclusive(String),
+}
+
+/// Probes every program type and map type of the API tables, each once. The tracing
+/// and lsm probes, which need `targets`, run last.
+pub fn probe_features(targets: impl FnOnce() -> AttachTargets) -> Probed {
     let start = Instant::now();
     let mut probed = Probed::default();
 
-    // Without CAP_BPF every probe fails the same way: say it once.
-    if let Err(e) = is_map_supported(MapType::Array) {
+    // Without CAP_BPF every probe fails the same way: say it once. The answer is
+    // the array map type's too.
+    let array = is_map_supported(MapType::Array);
+    if let Err(e) = &array {
         if e.io_error.kind() == io::ErrorKind::PermissionDenied {
             probed.notes.push(format!(
                 "{PROBES_SKIPPED}: creating a BPF map was refused ({}); \
@@ -113,23 +167,27 @@ pub fn probe_features() -> Probed {
             return probed;
         }
     }
+    let mut array = Some(array);
 
-    for (name, _) in PROGRAM_TYPES {
-        let Some(pt) = program_type(name) else {
-            probed
-                .notes
-                .push(format!("program type {name}: not known to the loader"));
-            continue;
-        };
-        match is_program_supported(pt) {
-            Ok(true) => probed.program_types.push((*name).to_string()),
-            Ok(false) => {}
-            Err(e) => probed.notes.push(format!(
-                "program type {name}: probe inconclusive ({}); a real load decides",
-                program_error(&e)
-            )),
-        }
+    let mut programs = Vec::with_capacity(PROGRAM_TYPES.len());
+    let mut need_targets = Vec::new();
+    for (i, (name, _)) in PROGRAM_TYPES.iter().enumerate() {
+        programs.push(match program_type(name) {
+            None => TypeProbe::Unknown,
+            Some(pt) => match attach_target_kind(pt) {
+                Some(kind) => {
+                    need_targets.push((i, kind));
+                    TypeProbe::Answer(false)
+                }
+                None => match is_program_supported(pt) {
+                    Ok(ok) => TypeProbe::Answer(ok),
+                    Err(e) => TypeProbe::Inconclusive(program_error(&e)),
+                },
+            },
+        });
     }
+
+    let mut map_notes = Vec::new();
     for (name, _) in MAP_TYPES {
         if let Some(id) = LOCAL_STORAGE_MAPS
             .iter()
@@ -139,29 +197,148 @@ pub fn probe_features() -> Probed {
             match local_storage_supported(id) {
                 Ok(true) => probed.map_types.push((*name).to_string()),
                 Ok(false) => {}
-                Err(e) => probed
-                    .notes
-                    .push(format!("map type {name}: probe inconclusive ({e})")),
+                Err(e) => map_notes.push(format!("map type {name}: probe inconclusive ({e})")),
             }
             continue;
         }
         let Some(mt) = map_type(name) else {
-            probed
-                .notes
-                .push(format!("map type {name}: not known to the loader"));
+            map_notes.push(format!("map type {name}: not known to the loader"));
             continue;
         };
-        match is_map_supported(mt) {
+        let answer = match mt {
+            MapType::Array => array.take().unwrap_or_else(|| is_map_supported(mt)),
+            _ => is_map_supported(mt),
+        };
+        match answer {
             Ok(true) => probed.map_types.push((*name).to_string()),
             Ok(false) => {}
-            Err(e) => probed.notes.push(format!(
+            Err(e) => map_notes.push(format!(
                 "map type {name}: probe inconclusive ({})",
                 e.io_error
             )),
         }
     }
+
+    if !need_targets.is_empty() {
+        let targets = targets();
+        for (i, kind) in need_targets {
+            programs[i] = match attach_target_supported(kind, targets) {
+                Ok(ok) => TypeProbe::Answer(ok),
+                Err(e) => TypeProbe::Inconclusive(e),
+            };
+        }
+    }
+    for ((name, _), found) in PROGRAM_TYPES.iter().zip(programs) {
+        match found {
+            TypeProbe::Answer(true) => probed.program_types.push((*name).to_string()),
+            TypeProbe::Answer(false) => {}
+            TypeProbe::Unknown => probed
+                .notes
+                .push(format!("program type {name}: not known to the loader")),
+            TypeProbe::Inconclusive(why) => probed.notes.push(format!(
+                "program type {name}: probe inconclusive ({why}); a real load decides"
+            )),
+        }
+    }
+    probed.notes.extend(map_notes);
     probed.duration = start.elapsed();
     probed
+}
+
+/// The program types whose probe names an attach target by BTF id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AttachTargetKind {
+    /// `tracing` (fentry on [`FENTRY_TARGET`]).
+    Fentry,
+    /// `lsm` (BPF_LSM_MAC on [`LSM_TARGET`]).
+    Lsm,
+}
+
+fn attach_target_kind(pt: ProgramType) -> Option<AttachTargetKind> {
+    match pt {
+        ProgramType::Tracing => Some(AttachTargetKind::Fentry),
+        ProgramType::Lsm(LsmAttachType::Mac) => Some(AttachTargetKind::Lsm),
+        _ => None,
+    }
+}
+
+/// aya's `is_program_supported` for tracing and lsm, with the attach target's BTF
+/// id given rather than parsed from the kernel's BTF again: load `r0 = 0; exit`
+/// with the target; EINVAL with the verifier saying the target is missing still
+/// means the type exists. A program that loads must also attach (kernels without
+/// BPF trampolines load but refuse with ENOTSUPP). Errors read like aya's.
+fn attach_target_supported(kind: AttachTargetKind, targets: AttachTargets) -> Result<bool, String> {
+    let (prog_type, attach_type, attach_btf_id) = match kind {
+        AttachTargetKind::Fentry => (
+            bpf_prog_type::BPF_PROG_TYPE_TRACING,
+            bpf_attach_type::BPF_TRACE_FENTRY,
+            targets.fentry,
+        ),
+        AttachTargetKind::Lsm => (
+            bpf_prog_type::BPF_PROG_TYPE_LSM,
+            bpf_attach_type::BPF_LSM_MAC,
+            targets.lsm,
+        ),
+    };
+    // BPF_ALU64 | BPF_MOV | BPF_K to r0, imm 0; BPF_JMP | BPF_EXIT.
+    let insns: [[u8; 8]; 2] = [[0xb7, 0, 0, 0, 0, 0, 0, 0], [0x95, 0, 0, 0, 0, 0, 0, 0]];
+    let mut log = [0u8; 256];
+    // SAFETY: `bpf_attr` is a union of plain integers; all-zero is valid.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the prog-load member of a zeroed union.
+    let load = unsafe { &mut attr.__bindgen_anon_3 };
+    load.prog_type = prog_type as u32;
+    load.insn_cnt = insns.len() as u32;
+    load.insns = insns.as_ptr() as u64;
+    load.license = c"GPL".as_ptr() as u64;
+    load.log_level = 1;
+    load.log_size = log.len() as u32;
+    load.log_buf = log.as_mut_ptr() as u64;
+    load.expected_attach_type = attach_type as u32;
+    load.attach_btf_id = attach_btf_id;
+    let prog = match sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => fd,
+        Err(e) => {
+            return match e.raw_os_error() {
+                Some(libc::EINVAL) => Ok(log.starts_with(b"Tracing programs must provide btf_id")),
+                Some(libc::E2BIG) => Ok(false),
+                _ => Err(format!("bpf_prog_load: {e}")),
+            };
+        }
+    };
+    // SAFETY: `bpf_attr` is a union of plain integers; all-zero is valid.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
+    match sys_bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr) {
+        // Dropping the link detaches it.
+        Ok(_link) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(ENOTSUPP) => Ok(false),
+        Err(e) => Err(format!("bpf_raw_tracepoint_open: {e}")),
+    }
+}
+
+/// The kernel's internal ENOTSUPP, which BPF returns to user space.
+const ENOTSUPP: i32 = 524;
+
+/// `bpf(cmd, attr)` for the commands that return a new fd.
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    // SAFETY: the commands used here read `size_of::<bpf_attr>()` bytes from a
+    // valid, initialized `bpf_attr` (and the buffers it points to, which outlive the
+    // call) and return a new fd or -1.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(ret).map_err(|_| io::Error::other("bpf returned no fd"))?;
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The local-storage map types, with their `enum bpf_map_type` numbers.
@@ -180,7 +357,7 @@ const LOCAL_STORAGE_MAPS: &[(&str, u32)] = &[
 /// these types rejects an oversized value with E2BIG before allocating
 /// anything, while a map type the kernel lacks is EINVAL (no ops for it).
 fn local_storage_supported(map_type: u32) -> io::Result<bool> {
-    use aya_obj::generated::{bpf_attr, bpf_cmd, BPF_F_NO_PREALLOC};
+    use aya_obj::generated::BPF_F_NO_PREALLOC;
     // SAFETY: `bpf_attr` is a union of plain integers; all-zero is valid.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     // SAFETY: writing the map-create member of a zeroed union.
@@ -192,29 +369,14 @@ fn local_storage_supported(map_type: u32) -> io::Result<bool> {
     create.map_flags = BPF_F_NO_PREALLOC;
     create.btf_key_type_id = 1;
     create.btf_value_type_id = 1;
-    // SAFETY: BPF_MAP_CREATE reads `size_of::<bpf_attr>()` bytes from a valid,
-    // initialized `bpf_attr` and returns a new fd or -1.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_MAP_CREATE as libc::c_long,
-            &mut attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>() as libc::c_uint,
-        )
-    };
-    if ret >= 0 {
+    match sys_bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr) {
         // Not expected (the value size is impossible), but a map means support.
-        if let Ok(fd) = std::os::fd::RawFd::try_from(ret) {
-            // SAFETY: the syscall returned a new fd that nothing else owns.
-            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-        }
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::E2BIG) => Ok(true),
-        Some(libc::EINVAL) => Ok(false),
-        _ => Err(err),
+        Ok(_map) => Ok(true),
+        Err(err) => match err.raw_os_error() {
+            Some(libc::E2BIG) => Ok(true),
+            Some(libc::EINVAL) => Ok(false),
+            _ => Err(err),
+        },
     }
 }
 
@@ -392,6 +554,70 @@ mod tests {
         for (name, id) in LOCAL_STORAGE_MAPS {
             assert!(MAP_TYPES.contains(&(*name, *id)), "{name}");
         }
+    }
+
+    /// False (after saying so) when privileged tests are off: the probes load
+    /// programs and create maps.
+    fn privileged() -> bool {
+        if std::env::var("BPFPOLY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+            eprintln!("skipped: BPFPOLY_SKIP_PRIVILEGED=1 (the feature probes load eBPF)");
+            return false;
+        }
+        true
+    }
+
+    /// The probes give what aya's own probes give on this kernel, type by type,
+    /// with the same notes; the tracing and lsm probes use the ids from this
+    /// module's BTF parse (the same ids aya's parse finds).
+    #[test]
+    fn probes_answer_as_aya_does() {
+        if !privileged() {
+            return;
+        }
+        let btf = KernelBtf::load(std::path::Path::new(VMLINUX_BTF)).unwrap();
+        let targets = AttachTargets::from_btf(&btf);
+        let aya_btf = aya_obj::btf::Btf::from_sys_fs().unwrap();
+        let aya_id = |name| {
+            aya_btf
+                .id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
+                .unwrap_or(0)
+        };
+        assert_eq!(targets.fentry, aya_id(FENTRY_TARGET));
+        assert_eq!(targets.lsm, aya_id(LSM_TARGET));
+
+        let mut asked = 0;
+        let probed = probe_features(|| {
+            asked += 1;
+            targets
+        });
+        assert_eq!(asked, 1, "the targets are asked for once");
+
+        let mut programs = Vec::new();
+        let mut notes = Vec::new();
+        for (name, _) in PROGRAM_TYPES {
+            match is_program_supported(program_type(name).unwrap()) {
+                Ok(true) => programs.push((*name).to_string()),
+                Ok(false) => {}
+                Err(e) => notes.push(format!(
+                    "program type {name}: probe inconclusive ({}); a real load decides",
+                    program_error(&e)
+                )),
+            }
+        }
+        let mut maps = Vec::new();
+        for (name, _) in MAP_TYPES {
+            match is_map_supported(map_type(name).unwrap()) {
+                Ok(true) => maps.push((*name).to_string()),
+                Ok(false) => {}
+                Err(e) => notes.push(format!(
+                    "map type {name}: probe inconclusive ({})",
+                    e.io_error
+                )),
+            }
+        }
+        assert_eq!(probed.program_types, programs);
+        assert_eq!(probed.map_types, maps);
+        assert_eq!(probed.notes, notes);
     }
 
     #[test]

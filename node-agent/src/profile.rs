@@ -3,7 +3,8 @@
 //!
 //! `build_profile` is pure: it turns parsed BTF and probe results into the
 //! status. `profile_node` does the I/O around it (uname, the BTF file, the
-//! probes, which run on a second thread while the BTF is parsed).
+//! probes, which run on a second thread while the BTF is parsed; the BTF is parsed
+//! once, and the probes that need the running kernel's BTF use that parse).
 
 use std::{
     collections::BTreeMap,
@@ -21,7 +22,7 @@ use serde::Serialize;
 
 use crate::{
     btf::{BtfError, KernelBtf, VMLINUX_BTF},
-    probe::{self, Probed},
+    probe::{self, AttachTargets, Probed},
 };
 
 /// Where `uname -r` lives without a syscall wrapper.
@@ -91,7 +92,6 @@ pub fn running_release() -> io::Result<String> {
 }
 
 /// Profiles this node: parses the BTF while the probes run, then builds the status.
-#[allow(dead_code)] // The `run` mode's entry point (agent.rs); `profile` keeps the BTF.
 pub fn profile_node(opts: &ProfileOptions) -> Result<NodeProfile, ProfileError> {
     profile_node_with_btf(opts).map(|(profile, _)| profile)
 }
@@ -115,20 +115,45 @@ pub fn profile_node_with_btf(
         notes.push(e);
     }
 
-    let (btf, btf_time, probed) = std::thread::scope(|s| {
-        let probes = s.spawn(|| probe::probe_all(&opts.queries));
+    // The probes run on a second thread while this one reads and indexes the BTF.
+    // Of the probes, only tracing and lsm need the running kernel's BTF (their attach
+    // targets' ids): they run last and take the ids from this parse when the file is
+    // the running kernel's. For another kernel's BTF, a third thread reads the
+    // running kernel's once, for those ids and to compare the two.
+    let btf_is_vmlinux = is_vmlinux(&opts.btf_path);
+    let (targets_tx, targets_rx) = std::sync::mpsc::channel();
+    let (btf, btf_time, probed, running_sha256) = std::thread::scope(|s| {
+        // The probe thread may not ask (without CAP_BPF it stops early).
+        let probes = s.spawn(move || {
+            probe::probe_all(&opts.queries, || targets_rx.recv().unwrap_or_default())
+        });
+        let running_btf = (!btf_is_vmlinux).then(|| {
+            let targets_tx = targets_tx.clone();
+            s.spawn(move || {
+                let vmlinux = KernelBtf::load(Path::new(VMLINUX_BTF)).ok();
+                let targets = vmlinux.as_ref().map(AttachTargets::from_btf);
+                let _ = targets_tx.send(targets.unwrap_or_default());
+                vmlinux.map(|b| b.sha256().to_string())
+            })
+        });
         let t = Instant::now();
         let btf = KernelBtf::load_with_limit(&opts.btf_path, opts.max_btf_bytes);
         let btf_time = t.elapsed();
+        if btf_is_vmlinux {
+            let targets = btf.as_ref().map(AttachTargets::from_btf);
+            let _ = targets_tx.send(targets.unwrap_or_default());
+        }
+        drop(targets_tx);
+        let running_sha256 = running_btf.and_then(|h| h.join().ok().flatten());
         let probed = probes.join().unwrap_or_else(|_| Probed {
             notes: vec!["feature probes failed: the probe thread panicked".to_string()],
             ..Probed::default()
         });
-        (btf, btf_time, probed)
+        (btf, btf_time, probed, running_sha256)
     });
     let btf = btf?;
 
-    let btf_is_running_kernel = is_running_kernel_btf(&btf);
+    let btf_is_running_kernel = btf_is_vmlinux || running_sha256.as_deref() == Some(btf.sha256());
     if !btf_is_running_kernel {
         let kernel = match &opts.kernel_release {
             Some(r) => format!("kernel {r}"),
@@ -213,19 +238,9 @@ pub fn build_profile(
     (status, notes)
 }
 
-/// Same bytes as the running kernel's BTF (cheap when it is that very file).
-fn is_running_kernel_btf(btf: &KernelBtf) -> bool {
-    let vmlinux = Path::new(VMLINUX_BTF);
-    if fs::canonicalize(btf.source()).ok().as_deref() == Some(vmlinux) {
-        return true;
-    }
-    match fs::read(vmlinux) {
-        Ok(bytes) => {
-            use sha2::{Digest, Sha256};
-            hex::encode(Sha256::digest(&bytes)) == btf.sha256()
-        }
-        Err(_) => false,
-    }
+/// `path` is the running kernel's BTF file itself.
+fn is_vmlinux(path: &Path) -> bool {
+    fs::canonicalize(path).ok().as_deref() == Some(Path::new(VMLINUX_BTF))
 }
 
 fn now_rfc3339() -> String {
