@@ -26,21 +26,40 @@ pub fn keep_status_writers(meta: &mut ObjectMeta) {
     let kept: Vec<ManagedFieldsEntry> = entries
         .into_iter()
         .filter(owns_status)
-        .map(|e| ManagedFieldsEntry {
-            manager: e.manager,
-            operation: e.operation,
-            fields_v1: Some(FieldsV1(serde_json::json!({"f:status": {}}))),
-            ..ManagedFieldsEntry::default()
+        .map(|e| {
+            // The status fields it owns, one level deep (their content is never read).
+            let owned: serde_json::Map<String, serde_json::Value> = status_fields(&e)
+                .map(|f| {
+                    f.keys()
+                        .map(|k| (k.clone(), serde_json::json!({})))
+                        .collect()
+                })
+                .unwrap_or_default();
+            ManagedFieldsEntry {
+                manager: e.manager,
+                operation: e.operation,
+                fields_v1: Some(FieldsV1(serde_json::json!({ "f:status": owned }))),
+                ..ManagedFieldsEntry::default()
+            }
         })
         .collect();
     meta.managed_fields = (!kept.is_empty()).then_some(kept);
 }
 
-fn owns_status(e: &ManagedFieldsEntry) -> bool {
+fn status_fields(e: &ManagedFieldsEntry) -> Option<&serde_json::Map<String, serde_json::Value>> {
     e.fields_v1
-        .as_ref()
-        .and_then(|f| f.0.as_object())
-        .is_some_and(|f| f.contains_key("f:status"))
+        .as_ref()?
+        .0
+        .as_object()?
+        .get("f:status")?
+        .as_object()
+}
+
+/// True when the entry owns a value inside `status`. An empty `f:status` (or one holding only
+/// the `.` marker) owns none: the API server records one for the manager that created the
+/// object, e.g. `before-first-apply` when an object without managedFields is first applied.
+fn owns_status(e: &ManagedFieldsEntry) -> bool {
+    status_fields(e).is_some_and(|f| f.keys().any(|k| k != "."))
 }
 
 /// Field managers other than `node`'s own agent that own part of the object's status, each
@@ -128,7 +147,7 @@ mod tests {
         }
     }
 
-    fn status_fields() -> serde_json::Value {
+    fn agent_status_fields() -> serde_json::Value {
         serde_json::json!({"f:status": {"f:programs": {}, "f:summary": {"f:loaded": {}}}})
     }
 
@@ -139,7 +158,14 @@ mod tests {
                 "bpfpoly-operator",
                 serde_json::json!({"f:spec": {"f:programs": {}}}),
             ),
-            entry("bpfpoly-agent/n1", status_fields()),
+            entry("bpfpoly-agent/n1", agent_status_fields()),
+            // Seen on Kubernetes 1.20: the creator of an object later applied keeps an empty
+            // status entry, which owns no status value.
+            entry(
+                "before-first-apply",
+                serde_json::json!({"f:spec": {".": {}, "f:queries": {}}, "f:status": {}}),
+            ),
+            entry("kubectl-create", serde_json::json!({"f:status": {".": {}}})),
         ]);
         assert_eq!(untrusted_status("n1", &m), None);
         assert_eq!(untrusted_status("n1", &ObjectMeta::default()), None);
@@ -148,7 +174,7 @@ mod tests {
     #[test]
     fn another_nodes_agent_or_a_person_is_named() {
         let m = meta(vec![
-            entry("bpfpoly-agent/n1", status_fields()),
+            entry("bpfpoly-agent/n1", agent_status_fields()),
             entry(
                 "bpfpoly-agent/n2",
                 serde_json::json!({"f:status": {"f:programs": {}}}),
@@ -157,7 +183,10 @@ mod tests {
                 "kubectl-edit",
                 serde_json::json!({"f:status": {"f:summary": {}}}),
             ),
-            entry("bpfpoly-agent/n2", serde_json::json!({"f:status": {}})),
+            entry(
+                "bpfpoly-agent/n2",
+                serde_json::json!({"f:status": {"f:summary": {}}}),
+            ),
         ]);
         assert_eq!(
             foreign_status_writers("n1", &m),
@@ -172,7 +201,7 @@ mod tests {
     fn pruning_keeps_exactly_the_status_writers() {
         let mut m = meta(vec![
             entry("bpfpoly-operator", serde_json::json!({"f:spec": {}})),
-            entry("bpfpoly-agent/n9", status_fields()),
+            entry("bpfpoly-agent/n9", agent_status_fields()),
         ]);
         let before = foreign_status_writers("n1", &m);
         keep_status_writers(&mut m);
