@@ -62,18 +62,30 @@ fn owns_status(e: &ManagedFieldsEntry) -> bool {
     status_fields(e).is_some_and(|f| f.keys().any(|k| k != "."))
 }
 
+/// The API server's name for fields whose writer it did not record. Kubernetes 1.20 records
+/// no managedFields for a server-side apply that creates a custom object with an empty spec
+/// (as an agent creates its profile), and the next apply then files every field present at
+/// that moment, including the agent's own status, under this name.
+const UNKNOWN_WRITER: &str = "before-first-apply";
+
 /// Field managers other than `node`'s own agent that own part of the object's status, each
-/// once, in the order recorded.
+/// once, in the order recorded. Fields of unknown writer count as foreign only when the node's
+/// agent owns no status field beside them.
 pub fn foreign_status_writers(node: &str, meta: &ObjectMeta) -> Vec<String> {
     let own = agent_field_manager(node);
-    let mut foreign: Vec<String> = Vec::new();
-    for e in meta
+    let writers: Vec<&ManagedFieldsEntry> = meta
         .managed_fields
         .iter()
         .flatten()
         .filter(|e| owns_status(e))
-    {
+        .collect();
+    let agent_wrote = writers.iter().any(|e| e.manager.as_deref() == Some(&own));
+    let mut foreign: Vec<String> = Vec::new();
+    for e in writers {
         let manager = e.manager.clone().unwrap_or_else(|| "(unnamed)".into());
+        if agent_wrote && manager == UNKNOWN_WRITER {
+            continue;
+        }
         if manager != own && !foreign.contains(&manager) {
             foreign.push(manager);
         }
@@ -169,6 +181,18 @@ mod tests {
         ]);
         assert_eq!(untrusted_status("n1", &m), None);
         assert_eq!(untrusted_status("n1", &ObjectMeta::default()), None);
+        // Fields of unknown writer beside the agent's own (Kubernetes 1.20 after a managedFields
+        // reset) are the agent's; alone, they are not.
+        let beside = meta(vec![
+            entry("bpfpoly-agent/n1", agent_status_fields()),
+            entry("before-first-apply", agent_status_fields()),
+        ]);
+        assert_eq!(untrusted_status("n1", &beside), None);
+        let alone = meta(vec![entry("before-first-apply", agent_status_fields())]);
+        assert_eq!(
+            foreign_status_writers("n1", &alone),
+            vec!["before-first-apply".to_string()]
+        );
     }
 
     #[test]
