@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release")
 AGENT_METRICS = "http://127.0.0.1:9464/metrics"
 OLD_METRICS = "http://127.0.0.1:9466/metrics"
+OPERATOR_METRICS = "http://127.0.0.1:9465/metrics"
 BPFFS = "/sys/fs/bpf/bpfpoly"
 
 
@@ -199,6 +200,10 @@ class Scenarios(unittest.TestCase):
                 self.assertTrue(set(s["programIds"]) <= ids, f"{node}/{p}: {s['programIds']} not all in bpftool")
         self.assertEqual(metric(metrics(), "bpfpoly_program_info", program="classifier-config-fallback", variant="xdp-modern"), 1)
         self.assertEqual(metric(metrics(OLD_METRICS), "bpfpoly_program_info", program="classifier-config-fallback", variant="tc-legacy"), 1)
+        # Both agents' own status is believed: nothing ignored as written by someone else.
+        op = metrics(OPERATOR_METRICS)
+        self.assertEqual(metric(op, "bpfpoly_ignored_node_status", kind="state"), 0)
+        self.assertEqual(metric(op, "bpfpoly_ignored_node_status", kind="profile"), 0)
 
     def test_2_rejected_variant_degrades_with_event_metric_and_log(self):
         c = condition("rejected-variant", "Degraded")
