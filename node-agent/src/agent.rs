@@ -799,6 +799,7 @@ impl Agent {
                 Ok(()) => {
                     st.phase = Phase::Unloaded;
                     st.message = "removed from this node: detached and unpinned".into();
+                    self.metrics.forget(&name);
                     tracing::info!(program = %name, "unloaded");
                 }
                 Err(e) => {
@@ -856,20 +857,9 @@ impl Agent {
         }
         for f in fallbacks {
             let stage = f.stage.to_string();
-            self.metrics
-                .fallbacks
-                .with_label_values(&[
-                    a.name.as_str(),
-                    f.from.as_str(),
-                    f.to.as_str(),
-                    stage.as_str(),
-                ])
-                .inc();
+            self.metrics.count_fallback(&a.name, &f.from, &f.to, &stage);
             if f.stage == FallbackStage::Verify && f.verifier_log.is_some() {
-                self.metrics
-                    .verifier_rejections
-                    .with_label_values(&[a.name.as_str(), f.from.as_str()])
-                    .inc();
+                self.metrics.count_rejection(&a.name, &f.from);
             }
             let reason = match f.stage {
                 FallbackStage::Verify => "VerifierRejected",

@@ -25,10 +25,20 @@ pub struct ProgramSnapshot {
     pub config_fallbacks: Vec<String>,
 }
 
+/// Label values in use per counter (the program is the first label).
+#[derive(Default)]
+struct Series {
+    fallbacks: std::collections::BTreeSet<Vec<String>>,
+    rejections: std::collections::BTreeSet<Vec<String>>,
+}
+
 /// The agent's metrics.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// Label values of the counters in use, by program, so that a program removed from the
+    /// node takes its series with it.
+    series: std::sync::Arc<std::sync::Mutex<Series>>,
     /// `bpfpoly_variant_fallbacks_total{program,from,to,stage}`.
     pub fallbacks: IntCounterVec,
     /// `bpfpoly_verifier_rejections_total{program,variant}`.
@@ -69,10 +79,54 @@ impl Metrics {
         registry.register(Box::new(load_duration.clone()))?;
         Ok(Metrics {
             registry,
+            series: Default::default(),
             fallbacks,
             verifier_rejections,
             load_duration,
         })
+    }
+
+    fn series(&self) -> std::sync::MutexGuard<'_, Series> {
+        self.series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one fallback of `program`.
+    pub fn count_fallback(&self, program: &str, from: &str, to: &str, stage: &str) {
+        let labels = [program, from, to, stage];
+        self.fallbacks.with_label_values(&labels).inc();
+        self.series()
+            .fallbacks
+            .insert(labels.map(String::from).to_vec());
+    }
+
+    /// Counts one verifier rejection of `variant` of `program`.
+    pub fn count_rejection(&self, program: &str, variant: &str) {
+        let labels = [program, variant];
+        self.verifier_rejections.with_label_values(&labels).inc();
+        self.series()
+            .rejections
+            .insert(labels.map(String::from).to_vec());
+    }
+
+    /// Drops every counter series of `program` (removed from this node).
+    pub fn forget(&self, program: &str) {
+        let mut series = self.series();
+        series.fallbacks.retain(|l| {
+            let keep = l[0] != program;
+            if !keep {
+                let _ = self.fallbacks.remove_label_values(l);
+            }
+            keep
+        });
+        series.rejections.retain(|l| {
+            let keep = l[0] != program;
+            if !keep {
+                let _ = self.verifier_rejections.remove_label_values(l);
+            }
+            keep
+        });
     }
 
     /// Renders everything, with the kernel-side values of `snapshot`.
@@ -182,6 +236,25 @@ fn scrape_families(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_removed_program_takes_its_counter_series_with_it() {
+        let m = Metrics::new().unwrap();
+        m.count_fallback("gone", "xdp", "tc", "verify");
+        m.count_rejection("gone", "xdp");
+        m.count_fallback("kept", "xdp", "tc", "attach");
+        let before = m.render(&[]).unwrap();
+        assert!(before.contains("program=\"gone\""), "{before}");
+        m.forget("gone");
+        let after = m.render(&[]).unwrap();
+        assert!(!after.contains("program=\"gone\""), "{after}");
+        assert!(
+            after.contains(
+                "bpfpoly_variant_fallbacks_total{from=\"xdp\",program=\"kept\",stage=\"attach\",to=\"tc\"} 1"
+            ),
+            "{after}"
+        );
+    }
 
     #[test]
     fn renders_design_names_with_bounded_labels() {
