@@ -121,6 +121,28 @@ fn tracer(name: &str, test: &str, rollout: serde_json::Value) -> BpfPolyProgram 
     serde_json::from_value(v).unwrap()
 }
 
+/// The first Event with `reason` about program `program` (Events live in `default`).
+async fn wait_event(
+    c: &Client,
+    reason: &str,
+    program: &str,
+) -> k8s_openapi::api::events::v1::Event {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
+    wait_for(&format!("{reason} Event"), 10, || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(program)
+            })
+    })
+    .await
+}
+
 async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -326,20 +348,7 @@ async fn unsupported_nodes_are_named_in_status_and_events() {
         "{}",
         cond.message
     );
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
-    let ev = wait_for("NoEligibleVariant Event", 10, || async {
-        events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("NoEligibleVariant")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("unsup-tracer")
-            })
-    })
-    .await;
+    let ev = wait_event(&c, "NoEligibleVariant", "unsup-tracer").await;
     assert!(ev.note.unwrap().contains("node sim-unsup-old"));
     assert_eq!(
         assigned(&c, &nodes[0], "unsup-tracer").await,
@@ -515,20 +524,7 @@ async fn status_written_for_another_node_is_ignored_and_reported() {
         "{}",
         sample.reason
     );
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
-    let ev = wait_for("UntrustedNodeStatus Event", 10, || async {
-        events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .find(|e| {
-                e.reason.as_deref() == Some("UntrustedNodeStatus")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(program)
-            })
-    })
-    .await;
+    let ev = wait_event(&c, "UntrustedNodeStatus", program).await;
     assert!(
         ev.note.as_deref().unwrap_or_default().starts_with(
             "node sim-trust-a: status written by field manager \"bpfpoly-agent/sim-trust-b\""
@@ -719,22 +715,8 @@ async fn delete_with_an_absent_agent_times_out_into_an_event_not_a_hang() {
             .then_some(())
     })
     .await;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
-    let ev = events
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .find(|e| {
-            e.reason.as_deref() == Some("UnloadTimeout")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("tmo-tracer")
-        });
-    assert!(ev
-        .expect("an UnloadTimeout Event")
-        .note
-        .unwrap()
-        .contains("sim-tmo-0"));
+    let ev = wait_event(&c, "UnloadTimeout", "tmo-tracer").await;
+    assert!(ev.note.unwrap().contains("sim-tmo-0"));
     cleanup(&c, test, &nodes, &[]).await;
 }
 
