@@ -96,13 +96,6 @@ pub async fn run(ctx: Arc<Context>) {
 /// write it again for each program that follows: wait, so a start writes each node once.
 async fn initial_sync(ctx: &Context) {
     let started = std::time::Instant::now();
-    // An empty program cache would otherwise look like "every program reconciled".
-    if tokio::time::timeout(Duration::from_secs(10), ctx.programs.wait_until_ready())
-        .await
-        .is_err()
-    {
-        tracing::warn!("the program cache is not ready after 10 s; writing nodes anyway");
-    }
     loop {
         let pending = {
             let targets = ctx
