@@ -580,6 +580,12 @@ class T2Render(unittest.TestCase):
         [ep] = pm["spec"]["podMetricsEndpoints"]
         self.assertEqual((ep["port"], ep["path"], ep["interval"], ep["scrapeTimeout"]), ("metrics", "/metrics", "15s", "5s"))
         self.assertIn({"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}, ep["relabelings"])
+        # An agent's series carry its node, not its Pod name or IP.
+        self.assertIn({"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component",
+                                        "__meta_kubernetes_pod_node_name"],
+                       "regex": "agent;(.+)", "targetLabel": "instance", "replacement": "$1"}, ep["relabelings"])
+        self.assertIn({"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+                       "regex": "agent", "targetLabel": "pod", "replacement": ""}, ep["relabelings"])
         # The selector picks the Pods of both workloads, and they expose a "metrics" port.
         sel = pm["spec"]["selector"]
         for kind in ("Deployment", "DaemonSet"):
