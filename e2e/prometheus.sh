@@ -88,8 +88,9 @@ EOF
 mkdir -p "$PROM_DIR"
 rm -rf "$PROM_DIR/data"   # a fresh TSDB: no samples of a previous run within the lookback
 # Labels as the chart's PodMonitor produces them: job = app.kubernetes.io/component (its
-# jobLabel), `component` from the same pod label, `node` from the pod's node name. The
-# operator runs on this machine, node `local` (with the PodMonitor: the node of its pod).
+# jobLabel), `component` from the same pod label, `node` from the pod's node name, and for
+# agents `instance` = the node name (no `pod`). The operator runs on this machine, node
+# `local` (with the PodMonitor: the node of its pod).
 cat >"$PROM_DIR/prometheus.yml" <<EOF
 # Written by e2e/prometheus.sh; scrapes the stack of e2e/run.sh on loopback.
 global:
@@ -101,9 +102,9 @@ scrape_configs:
     metrics_path: /metrics
     static_configs:
       - targets: ['$AGENT_LOCAL']
-        labels: {node: local, component: agent}
+        labels: {node: local, component: agent, instance: local}
       - targets: ['$AGENT_OLD']
-        labels: {node: old-kernel, component: agent}
+        labels: {node: old-kernel, component: agent, instance: old-kernel}
   - job_name: operator
     metrics_path: /metrics
     static_configs:

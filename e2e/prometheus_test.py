@@ -42,11 +42,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(REPO, "charts", "bpfpoly", "dashboards", "bpfpoly.json")
 PODMONITOR = os.path.join(REPO, "charts", "bpfpoly", "templates", "podmonitor.yaml")
 PROM = os.environ.get("PROMETHEUS_URL", "http://127.0.0.1:9090").rstrip("/")
-TARGETS = {  # instance -> (job, node), as e2e/prometheus.sh writes them
-    "127.0.0.1:9464": ("agent", "local"),
-    "127.0.0.1:9466": ("agent", "old-kernel"),
+TARGETS = {  # instance -> (job, node), as e2e/prometheus.sh writes them (an agent's instance
+    # is its node, as the chart's PodMonitor sets it)
+    "local": ("agent", "local"),
+    "old-kernel": ("agent", "old-kernel"),
     "127.0.0.1:9465": ("operator", "local"),
 }
+ENDPOINTS = ["127.0.0.1:9464", "127.0.0.1:9466", "127.0.0.1:9465"]  # what e2e/run.sh serves
 SAMPLES = ["exec-tracer", "packet-classifier", "rejected-variant", "classifier-config-fallback"]
 # Grafana's built-in variables, as the brief fixes them for a 1 s scrape interval.
 BUILTINS = {"__rate_interval": "1m", "__range": "5m", "__interval": "15s",
@@ -340,11 +342,14 @@ class PrometheusDashboard(unittest.TestCase):
         with open(PODMONITOR) as f:
             pm = f.read()
         self.assertIn("jobLabel: app.kubernetes.io/component", pm)
-        self.assertEqual(set(re.findall(r"targetLabel:\s*(\w+)", pm)), {"node", "component"},
+        self.assertEqual(set(re.findall(r"targetLabel:\s*(\w+)", pm)), {"node", "component", "instance", "pod"},
                          "the PodMonitor's target labels changed: update e2e/prometheus.sh")
         self.assertIn("sourceLabels: [__meta_kubernetes_pod_node_name]\n          targetLabel: node", pm)
-        nodes = {m["node"] for m, _ in query('bpfpoly_program_info{job="agent"}')}
-        self.assertEqual(nodes, {"local", "old-kernel"})
+        self.assertIn("regex: agent;(.+)\n          targetLabel: instance", pm)
+        agents = [m for m, _ in query('bpfpoly_program_info{job="agent"}')]
+        self.assertEqual({m["node"] for m in agents}, {"local", "old-kernel"})
+        # An agent's series are named by its node: instance is the node, and there is no pod.
+        self.assertTrue(all(m["instance"] == m["node"] and "pod" not in m for m in agents), agents)
         self.assertEqual({m["job"] for m, _ in query("bpfpoly_rollout_paused")}, {"operator"})
 
     def test_02_every_dashboard_query_parses_and_evaluates(self):
@@ -517,12 +522,12 @@ class PrometheusDashboard(unittest.TestCase):
         self.assertEqual(extra, set(), "labels outside the bounded set (extend ALLOWED_LABELS only if bounded)")
         self.assertEqual(ips, set(), "label values that are IP addresses")
         # And at the source, before any target label is added.
-        for instance in TARGETS:
-            with urllib.request.urlopen(f"http://{instance}/metrics", timeout=5) as r:
+        for address in ENDPOINTS:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
                 text = r.read().decode()
             raw = set(re.findall(r'[{,]\s*([a-zA-Z_]\w*)="', text))
-            self.assertEqual({n for n in raw if FORBIDDEN_LABEL.search(n.lower())}, set(), instance)
-            self.assertLessEqual(raw, ALLOWED_LABELS, instance)
+            self.assertEqual({n for n in raw if FORBIDDEN_LABEL.search(n.lower())}, set(), address)
+            self.assertLessEqual(raw, ALLOWED_LABELS, address)
 
     def test_15_every_dashboard_query_has_data(self):
         """Every query has at least one series (values may be NaN where nothing ran)."""
