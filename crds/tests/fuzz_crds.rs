@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bpfpoly_crds::document::{check_stream, check_value};
 use bpfpoly_crds::program::ConfigType;
@@ -32,25 +32,9 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------
 // The time-bounded runner.
 
-fn budget() -> Duration {
-    let secs: f64 = std::env::var("BPFPOLY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs.max(0.1))
-}
-
-fn base_seed() -> u64 {
-    std::env::var("BPFPOLY_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-}
+#[path = "../../test-support/fuzz_knobs.rs"]
+mod fuzz_knobs;
+use fuzz_knobs::{base_seed, budget};
 
 /// Masks numbers and quoted values: one string per message shape.
 fn shape(message: &str) -> String {

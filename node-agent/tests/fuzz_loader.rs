@@ -17,7 +17,7 @@ mod loader_support;
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bpfpoly_agent::fetch::sha256_hex;
 use bpfpoly_agent::loader::{Loader, LoaderConfig, Outcome};
@@ -29,40 +29,9 @@ use loader_support::{
 use object::{Object as _, ObjectSection as _};
 use serde_json::json;
 
-fn budget() -> Duration {
-    let secs: f64 = std::env::var("BPFPOLY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs.max(0.1))
-}
-
-fn seed() -> u64 {
-    std::env::var("BPFPOLY_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+#[path = "../../test-support/fuzz_knobs.rs"]
+mod fuzz_knobs;
+use fuzz_knobs::{base_seed as seed, budget, Rng};
 
 /// Byte ranges worth corrupting for the load path: instructions, relocations, maps,
 /// BTF, BTF.ext, symbols (not DWARF).

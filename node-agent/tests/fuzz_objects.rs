@@ -37,7 +37,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bpfpoly_agent::inspect::inspect_bytes;
 use bpfpoly_agent::loader::object::{check_variant, inspect, resolve_auto, Mechanism};
@@ -50,48 +50,9 @@ use serde_json::json;
 // ---------------------------------------------------------------------------------------
 // Knobs, randomness, reporting.
 
-fn budget() -> Duration {
-    let secs: f64 = std::env::var("BPFPOLY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs.max(0.1))
-}
-
-fn base_seed() -> u64 {
-    std::env::var("BPFPOLY_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1
-}
-
-/// xorshift64*: small, fast, reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.next().is_multiple_of(one_in)
-    }
-}
+#[path = "../../test-support/fuzz_knobs.rs"]
+mod fuzz_knobs;
+use fuzz_knobs::{base_seed, budget, Rng};
 
 /// Masks numbers so one message shape counts once.
 fn shape(message: &str) -> String {
