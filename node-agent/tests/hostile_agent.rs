@@ -164,21 +164,26 @@ impl Agent {
     }
 }
 
+/// Deletes this test's programs (and waits for their finalizers).
+fn delete_programs() {
+    for p in [KEEP, FRESH] {
+        let _ = kubectl(
+            &[
+                "delete",
+                "bpp",
+                p,
+                "--ignore-not-found",
+                "--wait=true",
+                "--timeout=30s",
+            ],
+            None,
+        );
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
-        for p in [KEEP, FRESH] {
-            let _ = kubectl(
-                &[
-                    "delete",
-                    "bpp",
-                    p,
-                    "--ignore-not-found",
-                    "--wait=true",
-                    "--timeout=30s",
-                ],
-                None,
-            );
-        }
+        delete_programs();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = Command::new(env!("CARGO_BIN_EXE_bpfpoly-agent"))
@@ -414,19 +419,7 @@ fn hostile_bytecode_gives_a_status_error_and_the_previous_version_keeps_running(
         None,
     )
     .unwrap();
-    for p in [KEEP, FRESH] {
-        let _ = kubectl(
-            &[
-                "delete",
-                "bpp",
-                p,
-                "--ignore-not-found",
-                "--wait=true",
-                "--timeout=30s",
-            ],
-            None,
-        );
-    }
+    delete_programs();
     let _ = Command::new(env!("CARGO_BIN_EXE_bpfpoly-agent"))
         .args(["cleanup", "--bpffs-root", ROOT])
         .output();
