@@ -12,7 +12,9 @@ use bpfpoly_agent::loader::{assignment_digest, Loader, LoaderConfig, Outcome};
 use bpfpoly_crds::program::Bytecode;
 use bpfpoly_crds::requirement::Query;
 use bpfpoly_crds::select::attach_program_type;
-use bpfpoly_crds::state::{FallbackStage, Phase, ProgramAssignment, ProgramStatus, StateSummary};
+use bpfpoly_crds::state::{
+    agent_field_manager, FallbackStage, Phase, ProgramAssignment, ProgramStatus, StateSummary,
+};
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeProfileStatus, BpfNodeState, BpfNodeStateStatus};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -25,12 +27,6 @@ use crate::metrics::{Metrics, ProgramSnapshot};
 use crate::retry::{Attempt, LoadBackoff};
 use crate::{btf, probe, profile};
 use bpfpoly_agent::builtin;
-
-/// The agent's field manager, `bpfpoly-agent/<node>`: the operator believes a node's status
-/// only when this manager wrote it.
-fn field_manager(node: &str) -> String {
-    bpfpoly_crds::state::agent_field_manager(node)
-}
 
 /// Options of `run`.
 #[derive(Clone, Debug)]
@@ -477,7 +473,8 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let api = self.api_profiles();
         let name = &self.opts.node_name;
-        let manager = field_manager(name);
+        // The operator believes a node's status only when this manager wrote it.
+        let manager = agent_field_manager(name);
         let pp = PatchParams::apply(&manager).force();
         if create && api.get_opt(name).await?.is_none() {
             let obj = serde_json::json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeProfile",
@@ -966,7 +963,7 @@ impl Agent {
         if let Err(e) = api
             .patch_status(
                 &self.opts.node_name,
-                &PatchParams::apply(&field_manager(&self.opts.node_name)).force(),
+                &PatchParams::apply(&agent_field_manager(&self.opts.node_name)).force(),
                 &Patch::Apply(&patch),
             )
             .await
