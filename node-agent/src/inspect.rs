@@ -359,7 +359,54 @@ fn check_elf(elf: &object::File<'_>) -> Result<BTreeMap<usize, SectionFacts>, In
     if let (Some(btf), Some(ext)) = (section_data(elf, ".BTF"), section_data(elf, ".BTF.ext")) {
         check_btf_ext(btf, ext).map_err(|e| InspectError::Malformed(format!(".BTF.ext: {e}")))?;
     }
+    check_call_relocations(elf).map_err(InspectError::Malformed)?;
     Ok(sections)
+}
+
+/// aya-obj 0.3 panics at load (`todo!`, or an unwrap) on a relocation in code whose symbol
+/// is code (a function, or any symbol of an executable section) but neither a function in a
+/// section nor a section symbol of a 32- or 64-bit relocation, e.g. a local label. Found by
+/// the loader fuzz target.
+fn check_call_relocations(elf: &object::File<'_>) -> Result<(), String> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    use object::{RelocationTarget, SectionKind, SymbolKind, SymbolSection};
+    let is_text = |s: SymbolSection| match s {
+        SymbolSection::Section(i) => elf
+            .section_by_index(i)
+            .is_ok_and(|s| s.kind() == SectionKind::Text),
+        _ => false,
+    };
+    for section in elf.sections().filter(|s| s.kind() == SectionKind::Text) {
+        for (offset, rel) in section.relocations() {
+            let RelocationTarget::Symbol(index) = rel.target() else {
+                continue;
+            };
+            let name = section.name().unwrap_or("?");
+            let sym = elf.symbol_by_index(index).map_err(|e| {
+                format!(
+                    "{name}: the relocation at {offset:#x} refers to symbol {}: {e}",
+                    index.0
+                )
+            })?;
+            if sym.kind() != SymbolKind::Text && !is_text(sym.section()) {
+                continue; // data: relocated as maps
+            }
+            let usable = match sym.kind() {
+                SymbolKind::Text => sym.section_index().is_some(),
+                SymbolKind::Section => matches!(rel.size(), 32 | 64),
+                _ => false,
+            };
+            if !usable {
+                return Err(format!(
+                    "{name}: the relocation at {offset:#x} refers to code symbol {} ({:?}, {}-bit), which is neither a function nor a section",
+                    sym.name().unwrap_or("?"),
+                    sym.kind(),
+                    rel.size()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn section_data<'a>(elf: &object::File<'a>, name: &str) -> Option<&'a [u8]> {

@@ -462,3 +462,26 @@ fn directories_fifos_and_missing_files_are_errors_without_blocking() {
     .unwrap_err();
     assert!(matches!(e, FetchError::Io { .. }), "{e}");
 }
+
+/// Found by the loader fuzz target: a relocation in code that points at a local label
+/// (`LBB6_83`) made aya-obj 0.3 panic (`todo!`) at load. The check refuses it first. The
+/// fixture is packet-classifier-xdp.o with that one relocation's symbol changed.
+#[test]
+fn a_code_relocation_to_a_label_is_refused_before_aya_sees_it() {
+    let bytes = fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reloc-to-code-label.o"),
+    )
+    .unwrap();
+    let err =
+        bpfpoly_agent::inspect::inspect_bytes(&bytes).expect_err("the object must be refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("xdp: the relocation at 0x158 refers to code symbol LBB6_83")
+            && msg.contains("neither a function nor a section"),
+        "{msg}"
+    );
+    // The object it was made from passes.
+    let original =
+        builtin::builtin("packet-classifier-xdp").expect("built-in packet-classifier-xdp");
+    bpfpoly_agent::inspect::inspect_bytes(original).unwrap();
+}
