@@ -46,6 +46,7 @@ fn full_facts(spec: &BpfPolyProgramSpec) -> NodeFacts {
             .map(|q| (q.to_string(), true))
             .collect(),
         reported: true,
+        features: Default::default(),
     }
 }
 

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use crate::program::BpfPolyProgram;
-use crate::validate::{validate_program, FieldError};
+use crate::validate::{spec_warnings, validate_program, FieldError};
 
 /// Largest document accepted, to keep hostile input bounded.
 pub const MAX_DOCUMENT_BYTES: usize = 4 << 20;
@@ -18,6 +18,8 @@ pub struct DocumentReport {
     pub object: String,
     /// Every problem found; empty means valid.
     pub errors: Vec<FieldError>,
+    /// What is allowed but probably not meant (see [`spec_warnings`]); never makes it invalid.
+    pub warnings: Vec<FieldError>,
 }
 
 fn err(path: &str, message: impl Into<String>) -> FieldError {
@@ -40,6 +42,7 @@ pub fn check_stream(text: &str) -> Vec<DocumentReport> {
                     text.len()
                 ),
             )],
+            warnings: Vec::new(),
         }];
     }
     let mut out = Vec::new();
@@ -52,6 +55,7 @@ pub fn check_stream(text: &str) -> Vec<DocumentReport> {
                     index,
                     object: "?".into(),
                     errors: vec![err("", format!("not valid YAML: {e}"))],
+                    warnings: Vec::new(),
                 });
                 // A syntax error ends the stream: later documents cannot be located reliably.
                 break;
@@ -87,9 +91,11 @@ pub fn check_value(index: usize, value: serde_json::Value) -> DocumentReport {
             index,
             object,
             errors,
+            warnings: Vec::new(),
         };
     }
     let mut unknown = Vec::new();
+    let mut warnings = Vec::new();
     let typed: Result<BpfPolyProgram, _> = serde_path_to_error::deserialize(&value)
         .map_err(|e| (e.path().to_string(), e.into_inner().to_string()));
     match typed {
@@ -108,12 +114,14 @@ pub fn check_value(index: usize, value: serde_json::Value) -> DocumentReport {
                 }
             }
             errors.extend(validate_program(&program));
+            warnings = spec_warnings(&program.spec);
         }
     }
     DocumentReport {
         index,
         object,
         errors,
+        warnings,
     }
 }
 

@@ -546,6 +546,11 @@ pub struct BpfPolyProgramStatus {
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub samples: Vec<NodeSample>,
+    /// Parts of the spec that are allowed but probably not meant (for example a config
+    /// `fallback` without `requires`), each with its field path. The program runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub warnings: Vec<String>,
 }
 
 /// Node counts by outcome.
@@ -584,8 +589,9 @@ pub struct RolloutStatus {
     pub updated_nodes: u32,
     /// True when the rollout stopped because too many updated nodes degraded.
     pub paused: bool,
-    /// Why the rollout is where it is.
-    #[serde(default)]
+    /// Why the rollout is where it is. Left out when empty: Kubernetes 1.20's server-side
+    /// apply turns an empty string into null, which this schema's `type: string` refuses.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }
 

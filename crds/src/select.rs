@@ -31,6 +31,22 @@ pub struct NodeFacts {
     pub answers: BTreeMap<String, bool>,
     /// False until the agent has published a profile at all.
     pub reported: bool,
+    /// Where `program_types`, `map_types` and the helper answers come from.
+    pub features: FeatureSource,
+}
+
+/// Where a node's program-type, map-type and helper facts come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FeatureSource {
+    /// Probed on the running kernel by its agent (what the cluster uses).
+    #[default]
+    Probed,
+    /// Read from the kernel's BTF (`enum bpf_prog_type`, `enum bpf_map_type`,
+    /// `enum bpf_func_id`): what that kernel was built to know, not probed. Offline
+    /// explain uses it for another kernel's BTF.
+    BtfEnums,
+    /// Not known: requirements on them stay pending.
+    Unknown,
 }
 
 impl NodeFacts {
@@ -45,6 +61,7 @@ impl NodeFacts {
             map_types: s.map_types.iter().cloned().collect(),
             answers: s.answers.clone(),
             reported: !s.kernel.release.is_empty(),
+            features: FeatureSource::Probed,
         }
     }
 }
@@ -338,27 +355,46 @@ fn evaluate(r: &Requirements, prog_types: &BTreeSet<&'static str>, facts: &NodeF
     }
     for pt in &r.program_types {
         let observed = facts.observed_program_types.contains(pt);
-        let probed = facts.program_types.contains(pt);
+        let known = facts.program_types.contains(pt);
+        let fact = match (observed, known, facts.features) {
+            (true, _, _) => "observed loading on this node",
+            (false, _, FeatureSource::Unknown) => {
+                pending.push(format!("program type {pt} (not probed on this kernel)"));
+                continue;
+            }
+            (false, true, FeatureSource::Probed) => "supported (probed)",
+            (false, false, FeatureSource::Probed) => "not supported on this kernel (probed)",
+            (false, true, FeatureSource::BtfEnums) => {
+                "in this kernel's enum bpf_prog_type (BTF, not probed)"
+            }
+            (false, false, FeatureSource::BtfEnums) => {
+                "not in this kernel's enum bpf_prog_type (BTF)"
+            }
+        };
         checks.push(Check {
             requirement: format!("program type {pt}"),
-            holds: observed || probed,
-            fact: match (observed, probed) {
-                (true, _) => "observed loading on this node".into(),
-                (false, true) => "supported (probed)".into(),
-                (false, false) => "not supported on this kernel (probed)".into(),
-            },
+            holds: observed || known,
+            fact: fact.into(),
         });
     }
     for mt in &r.map_types {
         let holds = facts.map_types.contains(mt);
+        let fact = match (holds, facts.features) {
+            (_, FeatureSource::Unknown) => {
+                pending.push(format!("map type {mt} (not probed on this kernel)"));
+                continue;
+            }
+            (true, FeatureSource::Probed) => "supported (probed)",
+            (false, FeatureSource::Probed) => "not supported on this kernel (probed)",
+            (true, FeatureSource::BtfEnums) => {
+                "in this kernel's enum bpf_map_type (BTF, not probed)"
+            }
+            (false, FeatureSource::BtfEnums) => "not in this kernel's enum bpf_map_type (BTF)",
+        };
         checks.push(Check {
             requirement: format!("map type {mt}"),
             holds,
-            fact: if holds {
-                "supported (probed)".into()
-            } else {
-                "not supported on this kernel (probed)".into()
-            },
+            fact: fact.into(),
         });
     }
     if let Some(failed) = checks.iter().find(|c| !c.holds) {

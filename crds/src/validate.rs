@@ -89,6 +89,21 @@ pub fn validate_program(obj: &BpfPolyProgram) -> Vec<FieldError> {
     errors
 }
 
+/// What is allowed but probably not meant: dead parts of a spec that do no harm. The
+/// program runs; `validate` prints these and the operator announces them.
+pub fn spec_warnings(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
+    let mut p = Problems::default();
+    for (i, c) in spec.config.iter().enumerate() {
+        if c.fallback.is_some() && c.requires.is_none() {
+            p.add(
+                format!("spec.config[{i}].fallback"),
+                "is never used: the field has no requires, so its value is always written",
+            );
+        }
+    }
+    p.0
+}
+
 /// Validates a spec. Paths start at `spec.`.
 pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
     let mut p = Problems::default();
@@ -267,12 +282,6 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
         }
         if let Some(r) = &c.requires {
             check_requirements(&mut p, &format!("{path}.requires"), r);
-        }
-        if c.fallback.is_some() && c.requires.is_none() {
-            p.add(
-                format!("{path}.fallback"),
-                "is never used: the field has no requires",
-            );
         }
     }
 

@@ -132,6 +132,7 @@ fn facts_for(spec: &BpfPolyProgramSpec) -> impl Strategy<Value = NodeFacts> {
                     .zip(bits)
                     .collect::<BTreeMap<_, _>>(),
                 reported: true,
+                features: Default::default(),
             },
         )
 }

@@ -665,7 +665,7 @@ fn hostile_bytecode_gives_a_status_error_and_the_previous_version_keeps_running(
             Err(e) => println!("{what:<55} refused by the API server: {}", e.trim()),
             Ok(_) => {
                 let g = generation(KEEP);
-                let ready = wait_for(&format!("{what}: InvalidSpec"), 30, || {
+                let ready = wait_for(&format!("{what}: Invalid"), 30, || {
                     let p = get_json(&["bpp", KEEP])?;
                     p["status"]["conditions"]
                         .as_array()?
@@ -674,10 +674,10 @@ fn hostile_bytecode_gives_a_status_error_and_the_previous_version_keeps_running(
                         .cloned()
                 });
                 let message = ready["message"].as_str().unwrap_or_default();
-                if ready["reason"] != "InvalidSpec" || !message.contains(needle) {
-                    failures.push(format!("{what}: not refused as InvalidSpec: {ready}"));
+                if ready["reason"] != "Invalid" || !message.contains(needle) {
+                    failures.push(format!("{what}: not refused as Invalid: {ready}"));
                 }
-                println!("{what:<55} InvalidSpec: {message}");
+                println!("{what:<55} Invalid: {message}");
             }
         }
         std::thread::sleep(Duration::from_secs(1));

@@ -161,7 +161,11 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
     } else if !pending.is_empty() {
         ready_reason = "Progressing";
         ready_message = format!("waiting for {}", named(&pending));
-    } else if counts.eligible == 0 && counts.selected > 0 {
+    } else if counts.selected == 0 {
+        // A selector that matches nothing is usually a typo: not Ready, and said plainly.
+        ready_reason = "NoNodesSelected";
+        ready_message = "spec.nodeSelector matches no node".into();
+    } else if counts.eligible == 0 {
         ready_reason = "NoEligibleNode";
         ready_message = format!("no selected node can run it: {}", named(&unsupported));
     } else {
@@ -174,7 +178,7 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
             counts.unsupported
         );
     }
-    let ready = all_current && !i.plan.paused && (counts.eligible > 0 || counts.selected == 0);
+    let ready = all_current && !i.plan.paused && counts.eligible > 0;
     cond("Ready", ready, ready_reason, ready_message);
     cond(
         "Progressing",
@@ -247,6 +251,7 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
             message: i.plan.message.clone(),
         },
         samples,
+        warnings: Vec::new(),
     }
 }
 
@@ -373,5 +378,24 @@ mod tests {
         assert_eq!(ready.status, "False");
         assert!(ready.message.contains("a (running an older generation)"));
         assert!(ready.message.contains("b (node profile)"));
+    }
+
+    #[test]
+    fn a_selector_matching_no_node_is_not_ready_and_says_so() {
+        let nodes = BTreeMap::new();
+        let plan = Plan::default();
+        let s = aggregate(&Inputs {
+            generation: 1,
+            nodes: &nodes,
+            plan: &plan,
+            on_no_eligible: OnNoEligibleVariant::Skip,
+            previous: &[],
+            now: now(),
+        });
+        assert_eq!(s.nodes.selected, 0);
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "NoNodesSelected");
+        assert_eq!(ready.message, "spec.nodeSelector matches no node");
     }
 }

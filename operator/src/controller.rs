@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bpfpoly_crds::program::OnNoEligibleVariant;
 use bpfpoly_crds::select::{decide, program_queries, Decision, NodeFacts, Outcome};
 use bpfpoly_crds::state::{Phase, ProgramAssignment, ProgramStatus};
-use bpfpoly_crds::validate::validate_program;
+use bpfpoly_crds::validate::{spec_warnings, validate_program};
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -206,6 +206,17 @@ pub fn error_policy(obj: Arc<BpfPolyProgram>, err: &Error, ctx: Arc<Context>) ->
         .reconcile_errors
         .with_label_values(&[err.metric_label()])
         .inc();
+    let unwrapped = match err {
+        Error::Finalizer(inner) => match inner.as_ref() {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            _ => err,
+        },
+        e => e,
+    };
+    if matches!(unwrapped, Error::StatusRefused(_)) {
+        return Action::requeue(Duration::from_secs(60));
+    }
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -255,7 +266,7 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
             &p,
             &format!("invalid/{generation}"),
             EventType::Warning,
-            "InvalidSpec",
+            "Invalid",
             &message,
         )
         .await;
@@ -266,11 +277,26 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
             generation,
             "Ready",
             false,
-            "InvalidSpec",
+            "Invalid",
             &message,
         );
         write_status(ctx, &p, status).await?;
         return Ok(Action::await_change());
+    }
+    let warnings: Vec<String> = spec_warnings(&p.spec)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if !warnings.is_empty() {
+        announce(
+            ctx,
+            &p,
+            &format!("warnings/{generation}"),
+            EventType::Warning,
+            "SpecWarning",
+            &warnings.join("; "),
+        )
+        .await;
     }
 
     let facts = FactsIndex::build(&ctx.profiles.state());
@@ -291,6 +317,17 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
         .map(|n| n.name_any())
         .collect();
     selected.sort();
+    if selected.is_empty() {
+        announce(
+            ctx,
+            &p,
+            &format!("no-nodes/{generation}"),
+            EventType::Warning,
+            "NoNodesSelected",
+            &no_nodes_message(&p),
+        )
+        .await;
+    }
 
     let states: HashMap<String, Arc<BpfNodeState>> = ctx
         .states
@@ -499,7 +536,7 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let status = aggregate(&Inputs {
+    let mut status = aggregate(&Inputs {
         generation,
         nodes: &outcomes,
         plan: &rollout,
@@ -520,6 +557,7 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
             .with_label_values(&[name.as_str(), phase])
             .set(i64::from(n));
     }
+    status.warnings = warnings;
     if p.spec.fallback.on_no_eligible_variant == OnNoEligibleVariant::Fail {
         tracing::debug!(program = %name, "nodes without an eligible variant count as failed");
     }
@@ -629,6 +667,10 @@ fn forget(ctx: &Context, name: &str) {
         let _ = ctx.metrics.nodes.remove_label_values(&[name, phase]);
     }
     let _ = ctx.metrics.rollout_paused.remove_label_values(&[name]);
+    let _ = ctx
+        .metrics
+        .status_writes_refused
+        .remove_label_values(&[name]);
 }
 
 fn set_condition(
@@ -670,14 +712,56 @@ async fn write_status(
         "kind": "BpfPolyProgram",
         "status": status,
     });
-    api.patch_status(
-        &p.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    match api
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if refused(&e) => {
+            // The API server will refuse the same status again: say so where the user looks,
+            // not only in the log, and retry slowly.
+            ctx.metrics
+                .status_writes_refused
+                .with_label_values(&[&p.name_any()])
+                .inc();
+            tracing::error!(program = %p.name_any(), code = e.code, error = %e.message, "status write refused");
+            announce(
+                ctx,
+                p,
+                &format!("status-refused/{}", e.message),
+                EventType::Warning,
+                "StatusWriteRefused",
+                &format!(
+                    "the API server refused the operator's status ({} {}): {}",
+                    e.code, e.reason, e.message
+                ),
+            )
+            .await;
+            Err(Error::StatusRefused(e.message))
+        }
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// A refusal that a retry cannot fix (the object or its schema), as opposed to a conflict,
+/// a timeout or an unavailable server.
+fn refused(e: &kube::core::Status) -> bool {
+    matches!(e.code, 400 | 403 | 413 | 415 | 422)
+}
+
+/// Ready's message for a program whose selector matches no node.
+fn no_nodes_message(p: &BpfPolyProgram) -> String {
+    let selector = p
+        .spec
+        .node_selector
+        .as_ref()
+        .and_then(|s| serde_json::to_string(s).ok())
+        .unwrap_or_else(|| "{}".into());
+    format!("spec.nodeSelector {selector} matches no node: check its labels (kubectl get nodes --show-labels)")
 }
 
 /// Publishes an Event once per key.

@@ -24,6 +24,10 @@ pub enum Error {
     /// error so the finalizer stays until they do (or the timeout passes).
     #[error("waiting for node(s) {0} to unload")]
     UnloadPending(String),
+    /// The API server refused the program's status (not a conflict or a timeout): retrying
+    /// the same status cannot succeed, so retries are slow.
+    #[error("status refused by the API server: {0}")]
+    StatusRefused(String),
     /// The finalizer machinery failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -35,6 +39,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube",
             Error::UnloadPending(_) => "unload_pending",
+            Error::StatusRefused(_) => "status_refused",
             Error::Finalizer(_) => "finalizer",
         }
     }

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub node_writes: IntCounter,
     /// Node states and profiles whose status is currently ignored, by kind.
     pub ignored_node_status: IntGaugeVec,
+    /// Program status writes the API server refused (a schema mismatch is a bug), by program.
+    pub status_writes_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -65,6 +67,14 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let status_writes_refused = IntCounterVec::new(
+            Opts::new(
+                "bpfpoly_status_writes_refused_total",
+                "BpfPolyProgram status writes the API server refused (not conflicts or timeouts)",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(status_writes_refused.clone()))?;
         registry.register(Box::new(ignored_node_status.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
@@ -79,6 +89,7 @@ impl Metrics {
             rollout_paused,
             node_writes,
             ignored_node_status,
+            status_writes_refused,
         })
     }
 

@@ -115,3 +115,56 @@ fn missing_file_and_non_yaml_fail_clearly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_fallback_without_requires_is_a_warning_not_an_error() {
+    let doc = r#"
+apiVersion: bpfpoly.io/v1alpha1
+kind: BpfPolyProgram
+metadata: {name: dead-fallback}
+spec:
+  variants:
+  - name: tp
+    bytecode: {builtin: exec-tracer-tracepoint}
+    programs: [{name: on_exec, attach: {tracepoint: {category: sched, name: sched_process_exec}}}]
+  config:
+  - {name: sample_every, type: u32, value: "1", fallback: "1"}
+  - {name: bad, type: u8, value: "1", fallback: "nope"}
+"#;
+    let dir = std::env::temp_dir().join(format!("bpfpoly-validate-w-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let warn_only = dir.join("warn.yaml");
+    // Only the first field: valid, with a warning.
+    std::fs::write(
+        &warn_only,
+        doc.replace(
+            "  - {name: bad, type: u8, value: \"1\", fallback: \"nope\"}\n",
+            "",
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = validate(std::slice::from_ref(&warn_only));
+    assert_eq!(
+        code, 0,
+        "a dead fallback must not fail validation:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("BpfPolyProgram/dead-fallback (document 0): valid"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("warning: spec.config[0].fallback: is never used"),
+        "{stderr}"
+    );
+    // A fallback that does not parse as its type stays an error.
+    let both = dir.join("both.yaml");
+    std::fs::write(&both, doc).unwrap();
+    let (code, _, stderr) = validate(std::slice::from_ref(&both));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("): spec.config[1].fallback: "), "{stderr}");
+    assert!(
+        !stderr.contains("): spec.config[1].fallback: is never used"),
+        "{stderr}"
+    );
+}
