@@ -5,6 +5,7 @@ pub mod controller;
 pub mod explain;
 pub mod intern;
 pub mod metrics;
+pub mod preflight;
 pub mod rollout;
 pub mod run;
 pub mod selector;

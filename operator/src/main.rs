@@ -51,16 +51,48 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Explain, from the cluster, which variant each node chose and why.
+    /// Explain which variant each node or kernel gets, and why.
+    ///
+    /// In the cluster: `explain NAME [--node N]` reads the program, the nodes' profiles and
+    /// what their agents reported.
+    ///
+    /// Offline, before a rollout: `explain --program FILE --profile FILE...` or
+    /// `explain --program FILE --btf-path FILE --kernel-release R` decides every program of
+    /// FILE on every kernel given, with the operator's own selection; BTF is answered by
+    /// `bpfpoly-agent profile`. For another kernel's BTF, program types, map types and
+    /// helpers are read from its BTF enums (said on every such line), not probed.
+    #[command(verbatim_doc_comment)]
     Explain {
-        /// BpfPolyProgram name.
-        program: String,
-        /// Only this node.
-        #[arg(long)]
+        /// BpfPolyProgram name (in-cluster form).
+        #[arg(
+            required_unless_present = "program_files",
+            conflicts_with = "program_files"
+        )]
+        program: Option<String>,
+        /// Only this node (in-cluster form).
+        #[arg(long, conflicts_with = "program_files")]
         node: Option<String>,
-        /// Kubeconfig file.
+        /// Kubeconfig file (in-cluster form).
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: Option<PathBuf>,
+        /// Program YAML file(s) to explain offline (multi-document; repeatable).
+        #[arg(long = "program", value_name = "FILE", id = "program_files")]
+        program_files: Vec<PathBuf>,
+        /// A kernel as a profile: `bpfpoly-agent profile` JSON or `kubectl get bnp NODE -o json` (repeatable).
+        #[arg(long = "profile", value_name = "FILE", requires = "program_files")]
+        profiles: Vec<PathBuf>,
+        /// A kernel as its raw BTF (e.g. /sys/kernel/btf/vmlinux, or extracted from a vmlinux).
+        #[arg(long, value_name = "FILE", requires = "program_files")]
+        btf_path: Option<PathBuf>,
+        /// The release of the kernel --btf-path belongs to (needed unless it is the running one's).
+        #[arg(long, value_name = "R", requires = "btf_path")]
+        kernel_release: Option<String>,
+        /// The agent binary that answers --btf-path (default: beside this binary, then $PATH).
+        #[arg(long, value_name = "PATH")]
+        agent_bin: Option<PathBuf>,
+        /// Output: `text` (default) or `json` (offline form; stable, see the README).
+        #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
@@ -92,9 +124,27 @@ fn main() -> ExitCode {
             }
         },
         Command::Explain {
-            program,
+            program: None,
+            program_files,
+            profiles,
+            btf_path,
+            kernel_release,
+            agent_bin,
+            output,
+            ..
+        } => explain_offline(
+            &program_files,
+            profiles,
+            btf_path,
+            kernel_release,
+            agent_bin,
+            &output,
+        ),
+        Command::Explain {
+            program: Some(program),
             node,
             kubeconfig,
+            ..
         } => block_on(async move {
             let client = bpfpoly_operator::run::client(kubeconfig.as_ref())
                 .await
@@ -149,6 +199,67 @@ fn main() -> ExitCode {
     }
 }
 
+fn explain_offline(
+    programs: &[PathBuf],
+    profiles: Vec<PathBuf>,
+    btf_path: Option<PathBuf>,
+    kernel_release: Option<String>,
+    agent_bin: Option<PathBuf>,
+    output: &str,
+) -> ExitCode {
+    use bpfpoly_operator::preflight;
+    let mut inputs: Vec<preflight::KernelInput> = profiles
+        .into_iter()
+        .map(preflight::KernelInput::Profile)
+        .collect();
+    if let Some(path) = btf_path {
+        inputs.push(preflight::KernelInput::Btf {
+            path,
+            release: kernel_release,
+        });
+    }
+    if inputs.is_empty() {
+        eprintln!(
+            "error: explain --program needs at least one kernel: --profile FILE or --btf-path FILE"
+        );
+        return ExitCode::from(2);
+    }
+    let agent = agent_bin.unwrap_or_else(default_agent_bin);
+    let result = preflight::read_programs(programs).and_then(|progs| {
+        let kernels = preflight::kernels(&inputs, &agent, &progs)?;
+        Ok(preflight::report(&progs, &kernels))
+    });
+    match result {
+        Ok(report) if output == "json" => match serde_json::to_string_pretty(&report) {
+            Ok(j) => {
+                println!("{j}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            print!("{}", preflight::render(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `bpfpoly-agent` beside this binary (as the image and `target/` lay them out), else on $PATH.
+fn default_agent_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("bpfpoly-agent")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("bpfpoly-agent"))
+}
+
 fn block_on(f: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -194,6 +305,14 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         }
         for r in reports {
             checked += 1;
+            for w in &r.warnings {
+                eprintln!(
+                    "{}: {} (document {}): warning: {w}",
+                    file.display(),
+                    r.object,
+                    r.index
+                );
+            }
             if r.errors.is_empty() {
                 println!(
                     "{}: {} (document {}): valid",
