@@ -13,6 +13,8 @@ bash "$REPO/e2e/run.sh" run >"$REPO/.run/e2e-run.log" 2>&1 || { tail -40 "$REPO/
 echo "[bpfpoly] e2e: stack up (make run output in .run/e2e-run.log)"
 rc=0
 python3 "$REPO/e2e/e2e_test.py" || rc=$?
+# The README's own-object recipe, as written.
+[ $rc -ne 0 ] || python3 "$REPO/e2e/own_object_test.py" || rc=$?
 # Prometheus scrapes the stack; every dashboard query runs against it.
 [ $rc -ne 0 ] || bash "$REPO/e2e/prometheus.sh" || rc=$?
 if [ $rc -ne 0 ]; then

@@ -47,6 +47,8 @@ veth() { # a b
   ip link set "$1" up; ip link set "$2" up
 }
 
+# ConfigMaps with bytecode are read from this namespace only.
+BYTECODE_NS=bpfpoly-system
 OLD_BTF="$HOME/.cache/bpfpoly/btf/debian-6.1-cloud.btf"
 OLD_RELEASE_FILE="$HOME/.cache/bpfpoly/btf/debian-6.1-cloud.release"
 ALIASES=(--interface-alias bpfpoly0=bpfold0 --interface-alias bpfpoly1=bpfold1
@@ -59,11 +61,15 @@ cmd_run() {
   bash "$REPO/e2e/install-deps.sh"
   say "2/6 building (eBPF objects and release binaries; a cold build takes a few minutes)"
   make -s -C "$REPO" ebpf
-  (cd "$REPO" && cargo build --release -q -p bpfpoly-operator -p bpfpoly-agent)
+  # Cargo's own progress (crate counts), not -q: a cold build takes several minutes.
+  (cd "$REPO" && cargo build --release -p bpfpoly-operator -p bpfpoly-agent 2>&1 \
+     | sed -u -n -e 's/^ *Compiling \([^ ]*\) .*/[bpfpoly]   compiling \1/p' -e 's/^ *Finished .*/[bpfpoly]   &/p')
   say "3/6 starting the local control plane"
   bash "$REPO/e2e/cluster.sh" up >/dev/null
   kubectl apply -f "$REPO/crds/bpfpoly.io_crds.yaml" >/dev/null
   kubectl wait --for condition=established --timeout=30s crd/bpfpolyprograms.bpfpoly.io >/dev/null
+  # The namespace whose ConfigMaps the agents read bytecode from (README: your own object).
+  kubectl create namespace "$BYTECODE_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   say "4/6 nodes and veth pairs"
   kubectl apply -f - >/dev/null <<'EOF'
 apiVersion: v1
@@ -87,12 +93,12 @@ EOF
   start_bg "agent local" "$RUN/agent-local.pid" "$RUN/agent-local.log" \
     "$BIN/bpfpoly-agent" run --node-name local --kubeconfig "$KUBECONFIG" \
     --bpffs-root /sys/fs/bpf/bpfpoly --metrics-addr 127.0.0.1:9464 \
-    --allowed-bytecode-dirs "$RUN/bytecode"
+    --allowed-bytecode-dirs "$RUN/bytecode" --configmap-namespaces "$BYTECODE_NS"
   start_bg "agent old-kernel (second agent, same host)" "$RUN/agent-old-kernel.pid" "$RUN/agent-old-kernel.log" \
     "$BIN/bpfpoly-agent" run --node-name old-kernel --kubeconfig "$KUBECONFIG" \
     --btf-path "$OLD_BTF" --kernel-release "$(cat "$OLD_RELEASE_FILE")" \
     --bpffs-root /sys/fs/bpf/bpfpoly-old-kernel --metrics-addr 127.0.0.1:9466 \
-    --allowed-bytecode-dirs "$RUN/bytecode" "${ALIASES[@]}"
+    --allowed-bytecode-dirs "$RUN/bytecode" --configmap-namespaces "$BYTECODE_NS" "${ALIASES[@]}"
   say "6/6 applying the samples in crds/examples/ and waiting for them to settle"
   kubectl apply -f "$REPO/crds/examples/" >/dev/null
   local deadline=$((SECONDS + 180)) not_ready
@@ -133,11 +139,12 @@ cmd_stop() {
   stop_pid operator "$RUN/operator.pid"
   stop_pid "agent local" "$RUN/agent-local.pid"
   stop_pid "agent old-kernel" "$RUN/agent-old-kernel.pid"
-  # SIGTERM leaves programs running by design; stop removes them.
+  # SIGTERM leaves programs running by design; stop removes them, and the roots with them.
   for root in /sys/fs/bpf/bpfpoly /sys/fs/bpf/bpfpoly-old-kernel; do
     if [ -x "$BIN/bpfpoly-agent" ] && [ -d "$root" ]; then
       "$BIN/bpfpoly-agent" cleanup --bpffs-root "$root" || true
     fi
+    if [ -d "$root" ]; then say "WARNING: $root is still there"; fi
   done
   for l in bpfpoly0 bpfpoly2 bpfold0 bpfold2; do ip link del "$l" 2>/dev/null || true; done
   bash "$REPO/e2e/cluster.sh" down

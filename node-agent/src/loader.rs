@@ -882,6 +882,9 @@ impl Loader {
                 fs::remove_file(&path).map_err(io_error(&path))?;
             }
         }
+        // The root is the agent's own (created at start): once it holds nothing more, it goes
+        // too, so a stopped bpfpoly leaves nothing under /sys/fs/bpf.
+        fs::remove_dir(bpffs_root).map_err(io_error(bpffs_root))?;
         Ok(removed)
     }
 }
