@@ -201,6 +201,17 @@ pub fn error_policy(obj: Arc<BpfPolyProgram>, err: &Error, ctx: Arc<Context>) ->
             return Action::requeue(Duration::from_secs(1));
         }
     }
+    if let Error::Finalizer(inner) = err {
+        if let kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) =
+            inner.as_ref()
+        {
+            if s.code == 404 {
+                // Deleted between the unload and the finalizer's removal: done, not a failure.
+                tracing::debug!(program = %obj.name_any(), "gone before its finalizer was removed");
+                return Action::await_change();
+            }
+        }
+    }
     tracing::warn!(program = %obj.name_any(), error = %err, "reconcile failed");
     ctx.metrics
         .reconcile_errors
