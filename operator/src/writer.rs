@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bpfpoly_crds::state::ProgramAssignment;
-use bpfpoly_crds::{BpfNodeProfile, BpfNodeState};
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
@@ -94,22 +94,54 @@ pub async fn run(ctx: Arc<Context>) {
 
 /// Until every program has been reconciled once (or 10 s passed), writing a node would
 /// write it again for each program that follows: wait, so a start writes each node once.
+/// The programs to wait for come from one LIST, not from the controller's cache: an empty
+/// cache right after start would look like "every program reconciled".
 async fn initial_sync(ctx: &Context) {
     let started = std::time::Instant::now();
+    let api: Api<BpfPolyProgram> = Api::all(ctx.client.clone());
+    let expected: Vec<String> = match api.list_metadata(&Default::default()).await {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.name)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list programs; the first node writes may repeat");
+            Vec::new()
+        }
+    };
     loop {
         let pending = {
             let targets = ctx
                 .targets
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            ctx.programs
+            let cached: BTreeSet<String> = ctx
+                .programs
                 .state()
                 .iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| !targets.contains_key(&p.name_any()))
+                .map(|p| p.name_any())
+                .collect();
+            // Listed programs, unless the filled cache says they are gone since, and any
+            // program created since.
+            let listed = expected
+                .iter()
+                .filter(|n| cached.is_empty() || cached.contains(*n));
+            listed
+                .chain(cached.iter())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter(|n| !targets.contains_key(*n))
                 .count()
         };
         if pending == 0 || started.elapsed() > Duration::from_secs(10) {
+            tracing::debug!(
+                programs = expected.len(),
+                waited_ms = started.elapsed().as_millis() as u64,
+                "first node write pass"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -199,6 +231,7 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
             "spec": {"programs": want},
         });
         api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+        tracing::debug!(%node, programs = want.len(), "wrote node state");
         ctx.metrics.node_writes.inc();
     }
     let profile = ctx.profiles.get(&ObjectRef::new(node));
@@ -216,6 +249,7 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
             "spec": {"queries": queries},
         });
         api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+        tracing::debug!(%node, queries = queries.len(), "wrote node queries");
         ctx.metrics.node_writes.inc();
     }
     Ok(())
