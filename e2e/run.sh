@@ -49,8 +49,9 @@ veth() { # a b
 
 # ConfigMaps with bytecode are read from this namespace only.
 BYTECODE_NS=bpfpoly-system
-OLD_BTF="$HOME/.cache/bpfpoly/btf/debian-6.1-cloud.btf"
-OLD_RELEASE_FILE="$HOME/.cache/bpfpoly/btf/debian-6.1-cloud.release"
+CACHE="${BPFPOLY_CACHE:-$HOME/.cache/bpfpoly}"
+OLD_BTF="$CACHE/btf/debian-6.1-cloud.btf"
+OLD_RELEASE_FILE="$CACHE/btf/debian-6.1-cloud.release"
 ALIASES=(--interface-alias bpfpoly0=bpfold0 --interface-alias bpfpoly1=bpfold1
          --interface-alias bpfpoly2=bpfold2 --interface-alias bpfpoly3=bpfold3)
 
