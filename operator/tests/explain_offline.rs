@@ -313,3 +313,88 @@ fn bad_inputs_fail_clearly() {
     assert_eq!(code, 1);
     assert!(err.contains("pass --kernel-release"), "{err}");
 }
+
+/// The kernel-matrix kernels' BTF (`e2e/kernels/fetch.sh`: `kernels/<NAME>/vmlinux.btf` and
+/// `release` in the cache). `make kernels` fetches them first and sets
+/// `BPFPOLY_REQUIRE_KERNELS=1`, so there a missing kernel fails; a plain `cargo test` before
+/// any fetch covers the ones present and says which.
+#[test]
+fn each_matrix_kernel_gets_the_variants_its_btf_allows() {
+    // (kernel, classifier-config-fallback's first choice, count_bytes fell back)
+    let expected = [
+        ("5.10", "tc-legacy", true),
+        ("6.1", "tc-legacy", true),
+        ("6.12", "xdp-modern", false),
+        ("7.2", "xdp-modern", false),
+    ];
+    let require = std::env::var("BPFPOLY_REQUIRE_KERNELS").as_deref() == Ok("1");
+    let mut covered = Vec::new();
+    for (name, first, fell_back) in expected {
+        let dir = cache().join("kernels").join(name);
+        let (btf, release) = (dir.join("vmlinux.btf"), dir.join("release"));
+        if !btf.is_file() || !release.is_file() {
+            assert!(
+                !require,
+                "{} is missing: run `bash e2e/kernels/fetch.sh {name}`",
+                btf.display()
+            );
+            continue;
+        }
+        let release = std::fs::read_to_string(&release)
+            .unwrap()
+            .trim()
+            .to_string();
+        let (code, json, err) = explain(&[
+            "--program",
+            &sample("config-fallback.yaml"),
+            "--program",
+            &sample("exec-tracer.yaml"),
+            "--program",
+            &sample("packet-classifier.yaml"),
+            "--btf-path",
+            btf.to_str().unwrap(),
+            "--kernel-release",
+            &release,
+            "-o",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let j: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let programs = &j["kernels"][0]["programs"];
+        let by_name = |n: &str| {
+            programs
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == n)
+                .unwrap_or_else(|| panic!("{name}: no {n} in {json}"))
+                .clone()
+        };
+        let cf = by_name("classifier-config-fallback");
+        assert_eq!(cf["firstChoice"], first, "{name}: {cf}");
+        let count_bytes = cf["config"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "count_bytes")
+            .unwrap()
+            .clone();
+        assert_eq!(count_bytes["fellBack"], fell_back, "{name}: {count_bytes}");
+        let tracer = by_name("exec-tracer");
+        assert_eq!(tracer["firstChoice"], "kprobe", "{name}: {tracer}");
+        let classifier = by_name("packet-classifier");
+        assert_eq!(
+            classifier["firstChoice"], "xdp-freplace",
+            "{name}: {classifier}"
+        );
+        covered.push(format!("{name} ({release})"));
+    }
+    println!(
+        "explain covered the matrix kernels: {}",
+        if covered.is_empty() {
+            "none cached yet".to_string()
+        } else {
+            covered.join(", ")
+        }
+    );
+}
