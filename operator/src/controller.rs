@@ -10,140 +10,24 @@ use bpfpoly_crds::program::OnNoEligibleVariant;
 use bpfpoly_crds::select::{decide, program_queries, Decision, NodeFacts, Outcome};
 use bpfpoly_crds::state::{Phase, ProgramAssignment, ProgramStatus};
 use bpfpoly_crds::validate::{spec_warnings, validate_program};
-use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
-use k8s_openapi::api::core::v1::Node;
+use bpfpoly_crds::{BpfNodeState, BpfPolyProgram};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Resource, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
 
 use crate::aggregate::{aggregate, Inputs, NodeOutcome};
-use crate::metrics::Metrics;
+pub use crate::context::{Context, ProgramTargets};
+use crate::facts::FactsIndex;
 use crate::rollout::{plan, NodeProgress};
-use crate::{Error, FIELD_MANAGER};
+use crate::status::{announce, no_nodes_message, set_condition, write_status};
+use crate::Error;
 
 /// Finalizer that makes deletion wait for the agents to unload.
 pub const FINALIZER: &str = "bpfpoly.io/unload";
-
-/// What one program wants on the nodes, as last decided.
-#[derive(Clone, Debug, Default)]
-pub struct ProgramTargets {
-    /// Nodes that carry the current generation, with their assignment (shared by every
-    /// node with the same facts).
-    pub assignments: HashMap<String, Arc<ProgramAssignment>>,
-    /// Eligible nodes the rollout has not reached: they keep what they run.
-    pub keep: HashSet<String>,
-    /// BTF queries the program needs.
-    pub queries: Vec<String>,
-    /// Nodes asked to answer them (one per BTF build, plus nodes not yet reported).
-    pub query_nodes: HashSet<String>,
-}
-
-/// Shared state of the controller and the writer.
-pub struct Context {
-    /// API client.
-    pub client: kube::Client,
-    /// Nodes.
-    pub nodes: Store<Node>,
-    /// Node profiles.
-    pub profiles: Store<BpfNodeProfile>,
-    /// Node states.
-    pub states: Store<BpfNodeState>,
-    /// Programs (the controller's own store).
-    pub programs: Store<BpfPolyProgram>,
-    /// Targets by program name.
-    pub targets: std::sync::RwLock<HashMap<String, ProgramTargets>>,
-    /// Nodes whose state or profile needs writing.
-    pub dirty: crate::writer::Dirty,
-    /// Event recorder.
-    pub recorder: Recorder,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Events already published, so a steady state does not repeat them.
-    pub announced: std::sync::Mutex<HashSet<String>>,
-    /// How long deletion waits for the agents.
-    pub unload_timeout: Duration,
-}
-
-/// Facts per node, with answers shared by every node of the same BTF build.
-pub struct FactsIndex {
-    /// Node name to (decision-sharing key, facts).
-    pub by_node: HashMap<String, (String, NodeFacts)>,
-    /// BTF digest to the node asked to answer queries for it.
-    pub representative: HashMap<String, String>,
-    /// Nodes whose profile status is not believed, and why (see [`crate::trust`]).
-    pub untrusted: HashMap<String, String>,
-}
-
-impl FactsIndex {
-    /// Indexes the published profiles.
-    pub fn build(profiles: &[Arc<BpfNodeProfile>]) -> FactsIndex {
-        let mut pooled: HashMap<String, BTreeMap<String, bool>> = HashMap::new();
-        let mut representative: HashMap<String, String> = HashMap::new();
-        let mut untrusted = HashMap::new();
-        let profiles: Vec<&Arc<BpfNodeProfile>> = profiles
-            .iter()
-            .filter(|p| {
-                let name = p.name_any();
-                match crate::trust::untrusted_status(&name, &p.metadata) {
-                    Some(why) => {
-                        untrusted.insert(name, format!("profile {why}"));
-                        false
-                    }
-                    None => true,
-                }
-            })
-            .collect();
-        for p in &profiles {
-            let Some(s) = &p.status else { continue };
-            if s.btf.sha256.is_empty() {
-                continue;
-            }
-            pooled
-                .entry(s.btf.sha256.clone())
-                .or_default()
-                .extend(s.answers.iter().map(|(k, v)| (k.clone(), *v)));
-            let name = p.name_any();
-            representative
-                .entry(s.btf.sha256.clone())
-                .and_modify(|r| {
-                    if name < *r {
-                        r.clone_from(&name);
-                    }
-                })
-                .or_insert(name);
-        }
-        let by_node = profiles
-            .iter()
-            .filter_map(|p| {
-                let s = p.status.as_ref()?;
-                let mut facts = NodeFacts::from_status(s);
-                if let Some(pool) = pooled.get(&s.btf.sha256) {
-                    facts.answers = pool.clone();
-                }
-                // Decisions are shared by nodes whose facts are the same.
-                let key = format!(
-                    "{}|{}|{}|{:?}|{:?}|{:?}",
-                    s.btf.sha256,
-                    s.kernel.release,
-                    s.btf.available,
-                    s.program_types,
-                    s.observed_program_types,
-                    s.map_types
-                );
-                Some((p.name_any(), (key, facts)))
-            })
-            .collect();
-        FactsIndex {
-            by_node,
-            representative,
-            untrusted,
-        }
-    }
-}
 
 /// Reconciles one program.
 pub async fn reconcile(obj: Arc<BpfPolyProgram>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -682,137 +566,4 @@ fn forget(ctx: &Context, name: &str) {
         .metrics
         .status_writes_refused
         .remove_label_values(&[name]);
-}
-
-fn set_condition(
-    conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-    generation: i64,
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-) {
-    let status = if status { "True" } else { "False" }.to_string();
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let last = conditions
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map_or(now, |c| c.last_transition_time.clone());
-    conditions.retain(|c| c.type_ != type_);
-    conditions.push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message: message.into(),
-        observed_generation: Some(generation),
-        last_transition_time: last,
-    });
-}
-
-async fn write_status(
-    ctx: &Context,
-    p: &BpfPolyProgram,
-    status: bpfpoly_crds::BpfPolyProgramStatus,
-) -> Result<(), Error> {
-    if p.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<BpfPolyProgram> = Api::all(ctx.client.clone());
-    let patch = serde_json::json!({
-        "apiVersion": "bpfpoly.io/v1alpha1",
-        "kind": "BpfPolyProgram",
-        "status": status,
-    });
-    match api
-        .patch_status(
-            &p.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if refused(&e) => {
-            // The API server will refuse the same status again: say so where the user looks,
-            // not only in the log, and retry slowly.
-            ctx.metrics
-                .status_writes_refused
-                .with_label_values(&[&p.name_any()])
-                .inc();
-            tracing::error!(program = %p.name_any(), code = e.code, error = %e.message, "status write refused");
-            announce(
-                ctx,
-                p,
-                &format!("status-refused/{}", e.message),
-                EventType::Warning,
-                "StatusWriteRefused",
-                &format!(
-                    "the API server refused the operator's status ({} {}): {}",
-                    e.code, e.reason, e.message
-                ),
-            )
-            .await;
-            Err(Error::StatusRefused(e.message))
-        }
-        Err(e) => Err(Error::Kube(e)),
-    }
-}
-
-/// A refusal that a retry cannot fix (the object or its schema), as opposed to a conflict,
-/// a timeout or an unavailable server.
-fn refused(e: &kube::core::Status) -> bool {
-    matches!(e.code, 400 | 403 | 413 | 415 | 422)
-}
-
-/// Ready's message for a program whose selector matches no node.
-fn no_nodes_message(p: &BpfPolyProgram) -> String {
-    let selector = p
-        .spec
-        .node_selector
-        .as_ref()
-        .and_then(|s| serde_json::to_string(s).ok())
-        .unwrap_or_else(|| "{}".into());
-    format!("spec.nodeSelector {selector} matches no node: check its labels (kubectl get nodes --show-labels)")
-}
-
-/// Publishes an Event once per key.
-async fn announce(
-    ctx: &Context,
-    p: &BpfPolyProgram,
-    key: &str,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    let key = format!("{}/{key}", p.name_any());
-    {
-        let mut seen = ctx
-            .announced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !seen.insert(key) {
-            return;
-        }
-        if seen.len() > 100_000 {
-            seen.clear();
-        }
-    }
-    let mut note = note.to_string();
-    if note.len() > 1000 {
-        note.truncate(note.floor_char_boundary(1000));
-    }
-    let ev = KubeEvent {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    // Kubernetes 1.20 rejects events.k8s.io/v1 Events whose namespace differs from the
-    // regarding object's; cluster-scoped programs get theirs in `default`.
-    let mut reference = p.object_ref(&());
-    reference.namespace = Some("default".into());
-    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-        tracing::warn!(program = %p.name_any(), error = %e, "cannot publish Event");
-    }
 }

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use crate::controller::FactsIndex;
+use crate::facts::FactsIndex;
 
 /// Renders the explanation of one program on every selected node (or one node).
 pub async fn explain(

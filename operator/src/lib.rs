@@ -1,14 +1,17 @@
 //! The bpfpoly operator: BTF-gated, per-node variant selection and safe rollout.
 
 pub mod aggregate;
+pub mod context;
 pub mod controller;
 pub mod explain;
+pub mod facts;
 pub mod intern;
 pub mod metrics;
 pub mod preflight;
 pub mod rollout;
 pub mod run;
 pub mod selector;
+pub mod status;
 pub mod trust;
 pub mod writer;
 

@@ -15,7 +15,8 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client};
 
-use crate::controller::{error_policy, reconcile, Context};
+use crate::context::Context;
+use crate::controller::{error_policy, reconcile};
 use crate::metrics::Metrics;
 
 /// Watch retries: 0.5 s doubling to at most 4 s. kube's default grows to 30 s and backs off

@@ -13,43 +13,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
 use tokio::sync::Notify;
 
-use crate::controller::Context;
+use crate::context::Context;
 use crate::FIELD_MANAGER;
-
-/// Nodes waiting to be written, and a wake-up for the writer.
-#[derive(Default)]
-pub struct Dirty {
-    nodes: std::sync::Mutex<BTreeSet<String>>,
-    wake: Notify,
-    /// Counts `mark` calls, so the writer can tell when reconciles have settled.
-    marks: std::sync::atomic::AtomicU64,
-}
-
-impl Dirty {
-    /// Marks nodes for writing.
-    pub fn mark(&self, nodes: impl IntoIterator<Item = String>) {
-        let mut set = self
-            .nodes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = set.len();
-        set.extend(nodes);
-        if set.len() != before {
-            self.wake.notify_one();
-        }
-    }
-
-    fn take(&self) -> Vec<String> {
-        std::mem::take(
-            &mut *self
-                .nodes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-        .into_iter()
-        .collect()
-    }
-}
 
 /// Nodes written concurrently.
 const CONCURRENCY: usize = 32;
