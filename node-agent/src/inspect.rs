@@ -209,12 +209,13 @@ pub fn inspect_bytes(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
         None => None,
     };
 
-    // `__kconfig` externs are resolved before the loader's parser runs; the layout
-    // does not depend on the values, so zeros stand in for the node's.
+    // `__kconfig` externs are resolved, and libbpf-only section names renamed, before
+    // the loader's parser runs; the layout does not depend on the extern values, so
+    // zeros stand in for the node's.
     let externs = crate::kconfig::externs(&elf).map_err(InspectError::Extern)?;
     let mut resolved_copy = Vec::new();
     let resolved;
-    let parsed = if externs.is_empty() {
+    let parsed = if !crate::kconfig::elf::needs_rewrite(&elf, &externs) {
         bytes
     } else {
         resolved =

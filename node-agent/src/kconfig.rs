@@ -217,10 +217,10 @@ pub fn externs(elf: &object::File<'_>) -> Result<Externs, Vec<String>> {
         if found.kconfig.iter().any(|e| &e.name == name) {
             continue;
         }
-        problems.push(if ksyms.contains(name) {
-            format!("extern {name} is a __ksym (kernel symbol) extern, which bpfpoly cannot resolve; only __kconfig externs are supported")
-        } else if extern_funcs.contains(name) {
+        problems.push(if extern_funcs.contains(name) {
             format!("extern function {name} (a kfunc or a function of another object) cannot be resolved; only __kconfig externs are supported")
+        } else if ksyms.contains(name) {
+            format!("extern {name} is a __ksym (kernel symbol) extern, which bpfpoly cannot resolve; only __kconfig externs are supported")
         } else if btf.is_none() {
             format!("extern {name} cannot be resolved: the object has no BTF (compile with clang -g) to say it is a __kconfig extern")
         } else {
@@ -287,7 +287,13 @@ fn kconfig_vars(
 
 /// libbpf's `find_kcfg_type`: the kind and size of a BTF type.
 fn classify(btf: &RawBtf<'_>, type_id: u32) -> (Kind, u32) {
-    let Some((_, r)) = btf.strip(type_id) else {
+    classify_at(btf, type_id, 0)
+}
+
+/// `classify` of an array's element at `depth` arrays deep (hostile BTF can make an
+/// array of itself).
+fn classify_at(btf: &RawBtf<'_>, type_id: u32, depth: usize) -> (Kind, u32) {
+    let Some((_, r)) = btf.strip(type_id).filter(|_| depth < 4) else {
         return (Kind::Unsupported("an unresolvable type".into()), 0);
     };
     let name = btf.name(r.name_off).unwrap_or("");
@@ -326,7 +332,7 @@ fn classify(btf: &RawBtf<'_>, type_id: u32) -> (Kind, u32) {
         kind::ARRAY => {
             let elem = btf.extra(r, 0).unwrap_or(0);
             let len = btf.extra(r, 2).unwrap_or(0);
-            match classify(btf, elem).0 {
+            match classify_at(btf, elem, depth + 1).0 {
                 Kind::Char { .. } if len > 0 => (Kind::CharArray { len }, len),
                 _ => (
                     Kind::Unsupported("an array that is not a char array".into()),
@@ -553,11 +559,11 @@ pub fn parse_number(s: &str) -> Option<u64> {
 }
 
 /// The object (8-byte aligned ELF bytes) with its `__kconfig` externs filled from
-/// `facts`, or `None` when it has none. Each problem names its extern.
+/// `facts` and its libbpf-only section names renamed, or `None` when it needs neither. Each problem names its extern.
 pub fn resolve_object(bytes: &[u8], facts: &KernelFacts) -> Result<Option<Vec<u8>>, Vec<String>> {
     let file = object::File::parse(bytes).map_err(|e| vec![format!("malformed ELF: {e}")])?;
     let externs = externs(&file)?;
-    if externs.is_empty() {
+    if !elf::needs_rewrite(&file, &externs) {
         return Ok(None);
     }
     let values = values(&externs, facts)?;

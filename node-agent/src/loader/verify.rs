@@ -247,9 +247,9 @@ fn load(
         .program_mut(name)
         .ok_or_else(|| LoadError::other(format!("program {name:?} not in the object")))?;
     let needs_target = || {
-        LoadError::other(format!(
-            "program {name:?} needs an attach target in its section name"
-        ))
+        LoadError::other(
+            "it needs an attach target in its section name (tp_btf/NAME, fentry/FUNCTION...)",
+        )
     };
     let result = match program {
         Program::BtfTracePoint(p) if !target.is_empty() => p.load(target, kernel.btf_ref()?),
@@ -265,9 +265,9 @@ fn load(
         | Program::LsmCgroup(_)
         | Program::Iter(_) => return Err(needs_target()),
         Program::Extension(_) => {
-            return Err(LoadError::other(format!(
-                "program {name:?} is freplace: it loads against a target program, which verify does not have (load it with its entry object)"
-            )))
+            return Err(LoadError::other(
+                "freplace loads against a target program, which verify does not have (it loads with its entry object)",
+            ))
         }
         Program::KProbe(p) => p.load(),
         Program::UProbe(p) => p.load(),
