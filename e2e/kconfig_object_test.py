@@ -23,7 +23,7 @@ SOURCE = os.path.join(REPO, "node-agent/tests/fixtures/kconfig/kconfig_externs.c
 NAME = "kconfig-prog"
 KEYS = ["LINUX_KERNEL_VERSION", "LINUX_HAS_BPF_COOKIE", "LINUX_HAS_SYSCALL_WRAPPER", "CONFIG_BPF",
         "CONFIG_BPF_SYSCALL", "CONFIG_HZ", "CONFIG_NR_CPUS", "CONFIG_DEFAULT_HOSTNAME[0:8]",
-        "weak missing bool", "weak missing int"]
+        "weak missing bool", "weak missing int", "config global bias"]
 
 PROGRAM = """apiVersion: bpfpoly.io/v1alpha1
 kind: BpfPolyProgram
@@ -37,6 +37,8 @@ spec:
     programs:
     - name: read_kconfig
       attach: {rawTracepoint: {name: sys_enter}}
+  config:
+  - {name: bias, type: u64, value: "7"}
 """
 
 
@@ -77,7 +79,7 @@ def kernel_values():
     host = config["CONFIG_DEFAULT_HOSTNAME"].strip('"').encode()[:8].ljust(8, b"\0")
     return [version, int(version >= (5 << 16 | 15 << 8)), int(wrapper), tri.get(config.get("CONFIG_BPF"), 0),
             tri.get(config.get("CONFIG_BPF_SYSCALL"), 0), int(config["CONFIG_HZ"]), int(config["CONFIG_NR_CPUS"]),
-            int.from_bytes(host, "little"), 0, 0]
+            int.from_bytes(host, "little"), 0, 0, 7]
 
 
 class KconfigObject(unittest.TestCase):

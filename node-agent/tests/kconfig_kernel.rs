@@ -3,7 +3,8 @@
 //! (tests/fixtures/kconfig/kconfig_externs.c, built here with clang) runs through the
 //! agent's loader as a BpfPolyProgram with a `path` source and a raw tracepoint; the
 //! values it publishes in its map are the running kernel's, read here independently
-//! (`uname -r`, `zcat /proc/config.gz`, `/proc/kallsyms`). A strong extern the kernel
+//! (`uname -r`, `zcat /proc/config.gz`, `/proc/kallsyms`), and the variant's config
+//! global beside them holds what the config wrote. A strong extern the kernel
 //! config lacks fails the variant with the extern's name.
 
 mod loader_support;
@@ -87,7 +88,11 @@ fn loader(root: &Path, dir: &Path) -> Loader {
     .unwrap()
 }
 
-fn raw_tp_assignment(name: &str, object: &Path) -> bpfpoly_crds::state::ProgramAssignment {
+fn raw_tp_assignment(
+    name: &str,
+    object: &Path,
+    config: serde_json::Value,
+) -> bpfpoly_crds::state::ProgramAssignment {
     let bytes = fs::read(object).unwrap();
     assignment(
         name,
@@ -100,7 +105,7 @@ fn raw_tp_assignment(name: &str, object: &Path) -> bpfpoly_crds::state::ProgramA
             },
             "programs": [{"name": "read_kconfig", "attach": {"rawTracepoint": {"name": "sys_enter"}}}],
         })],
-        json!([]),
+        config,
         None,
     )
 }
@@ -124,8 +129,9 @@ fn kconfig_values_the_program_sees_are_the_kernels() {
     )));
     let mut loader = loader(&root.0, &dir);
     let name = unique_name("kconfig");
+    let config = json!([{"name": "bias", "type": "u64", "value": "7"}]);
     let applied = loader.apply(
-        &raw_tp_assignment(&name, &object),
+        &raw_tp_assignment(&name, &object, config),
         &fetch_with(vec![dir.clone()], 16 << 20),
     );
     assert_eq!(
@@ -138,12 +144,12 @@ fn kconfig_values_the_program_sees_are_the_kernels() {
     let pin = running.map_pin("seen");
 
     // Any system call runs the program; make a few.
-    let mut values = vec![0u64; 10];
+    let mut values = vec![0u64; 11];
     for _ in 0..50 {
         let _ = fs::metadata("/");
         let map = MapData::from_pin(&pin).unwrap();
         let array: Array<_, u64> = Array::try_from(Map::Array(map)).unwrap();
-        values = (0..10).map(|k| array.get(&k, 0).unwrap()).collect();
+        values = (0..11).map(|k| array.get(&k, 0).unwrap()).collect();
         if values[0] != 0 {
             break;
         }
@@ -206,6 +212,10 @@ fn kconfig_values_the_program_sees_are_the_kernels() {
     );
     assert_eq!(values[8], 0, "a weak missing bool is 0");
     assert_eq!(values[9], 0, "a weak missing int is 0");
+    assert_eq!(
+        values[10], 7,
+        "the config global, written beside the externs"
+    );
 
     loader.remove(&name).unwrap();
 }
@@ -236,7 +246,7 @@ char LICENSE[] SEC("license") = "GPL";
     let mut loader = loader(&root.0, &dir);
     let name = unique_name("kconfig-strong");
     let applied = loader.apply(
-        &raw_tp_assignment(&name, &object),
+        &raw_tp_assignment(&name, &object, json!([])),
         &fetch_with(vec![dir.clone()], 16 << 20),
     );
     let s = &applied.status;
