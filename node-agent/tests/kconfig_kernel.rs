@@ -259,3 +259,44 @@ char LICENSE[] SEC("license") = "GPL";
     );
     assert!(!root.0.join(&name).exists(), "nothing left pinned");
 }
+
+#[test]
+fn an_unresolvable_extern_fails_the_object_check_with_its_name() {
+    require_privileges!();
+    let dir = scratch();
+    let source = dir.join("ksym.c");
+    fs::write(
+        &source,
+        r#"
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+extern const int bpfpoly_some_kernel_variable __ksym;
+SEC("raw_tp/sys_enter")
+int read_kconfig(void *ctx) { return *(&bpfpoly_some_kernel_variable) ? 1 : 0; }
+char LICENSE[] SEC("license") = "GPL";
+"#,
+    )
+    .unwrap();
+    let object = dir.join("ksym.o");
+    build(&source, &object);
+    let root = RootDir(PathBuf::from(format!(
+        "/sys/fs/bpf/bpfpoly-verify-kx-{}",
+        std::process::id()
+    )));
+    let mut loader = loader(&root.0, &dir);
+    let name = unique_name("kconfig-ksym");
+    let applied = loader.apply(
+        &raw_tp_assignment(&name, &object, json!([])),
+        &fetch_with(vec![dir.clone()], 16 << 20),
+    );
+    let s = &applied.status;
+    assert_eq!(s.phase, Phase::Failed, "{}", s.message);
+    assert!(
+        s.message.contains("unresolvable extern")
+            && s.message.contains("bpfpoly_some_kernel_variable")
+            && !s.message.contains("BTF error"),
+        "{}",
+        s.message
+    );
+    assert!(!root.0.join(&name).exists(), "nothing left pinned");
+}
