@@ -201,7 +201,27 @@ fn verify_agrees_with_libbpf_program_by_program() {
                         )),
                     }
                 }
-                if libbpf.refused.is_empty() {
+                // libbpf refuses an object with an unresolved strong extern before
+                // any program: bpfpoly must refuse every program, naming it.
+                let unresolved: Vec<&str> = libbpf
+                    .log
+                    .lines()
+                    .filter(|l| l.contains("(strong): not resolved"))
+                    .filter_map(|l| l.split('\'').nth(1))
+                    .collect();
+                for ext in &unresolved {
+                    for (program, (ok, reason)) in &ours {
+                        if *ok || !reason.contains(ext) {
+                            problems.push(format!(
+                                "{name}: libbpf did not resolve extern {ext}; bpfpoly {} {program} ({reason})",
+                                if *ok { "loaded" } else { "refused without naming it:" }
+                            ));
+                        } else {
+                            agreed += 1;
+                        }
+                    }
+                }
+                if libbpf.refused.is_empty() && unresolved.is_empty() {
                     // libbpf refused the object before any program (e.g. a section
                     // name this libbpf does not know).
                     beyond += ours.values().filter(|(ok, _)| *ok).count();
