@@ -53,6 +53,8 @@ pub struct ObjectInfo {
     pub maps: Vec<MapInfo>,
     /// Globals in the data sections.
     pub globals: Vec<GlobalInfo>,
+    /// `__kconfig` externs, which the loader fills from the node's kernel.
+    pub externs: Vec<crate::kconfig::Extern>,
 }
 
 /// One program.
@@ -150,6 +152,9 @@ pub enum InspectError {
     /// The loader's parser refused it (it could not be loaded either).
     #[error("the loader cannot parse this object: {0}")]
     Loader(String),
+    /// An extern the loader cannot resolve (named in the message).
+    #[error("unresolvable extern: {}", .0.join("; "))]
+    Extern(Vec<String>),
 }
 
 /// Reads (at most `max_bytes`) and inspects an object file.
@@ -204,12 +209,26 @@ pub fn inspect_bytes(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
         None => None,
     };
 
-    let obj = Object::parse(bytes).map_err(|e| InspectError::Loader(parse_error(&e)))?;
+    // `__kconfig` externs are resolved, and libbpf-only section names renamed, before
+    // the loader's parser runs; the layout does not depend on the extern values, so
+    // zeros stand in for the node's.
+    let externs = crate::kconfig::externs(&elf).map_err(InspectError::Extern)?;
+    let mut resolved_copy = Vec::new();
+    let resolved;
+    let parsed = if !crate::kconfig::elf::needs_rewrite(&elf, &externs) {
+        bytes
+    } else {
+        resolved =
+            crate::kconfig::elf::resolve(bytes, &externs, &crate::kconfig::zero_values(&externs))
+                .map_err(InspectError::Loader)?;
+        aligned(&resolved, &mut resolved_copy)
+    };
+    let obj = Object::parse(parsed).map_err(|e| InspectError::Loader(parse_error(&e)))?;
     let section_name = |index: usize| {
         sections
             .get(&index)
             .map(|s| s.name.clone())
-            .unwrap_or_default()
+            .unwrap_or_else(|| crate::kconfig::RESOLVED_SECTION.to_owned())
     };
 
     let mut programs: Vec<ProgramInfo> = obj
@@ -251,6 +270,7 @@ pub fn inspect_bytes(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
         functions,
         maps,
         globals,
+        externs: externs.kconfig,
     })
 }
 

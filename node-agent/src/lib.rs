@@ -5,4 +5,5 @@
 pub mod builtin;
 pub mod fetch;
 pub mod inspect;
+pub mod kconfig;
 pub mod loader;

@@ -17,6 +17,7 @@
 //! TCX links are switched atomically, and the old directory is removed last.
 
 pub mod object;
+pub mod verify;
 
 mod adopt;
 mod attach;

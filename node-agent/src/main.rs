@@ -35,6 +35,10 @@ enum Command {
     /// Print an eBPF object's programs, maps and globals (with BTF types) as JSON.
     /// Offline: no syscalls.
     Inspect(InspectArgs),
+    /// Load an object's programs (or the named ones) into this kernel through the
+    /// agent's loader, attach nothing, unload everything, and say per program whether
+    /// it verified. Exit 1 if any program was refused.
+    Verify(VerifyArgs),
     /// List the eBPF objects built into the agent, with their programs, as JSON.
     Builtins,
     /// Run the agent: publish this node's profile, load what the operator assigns, report.
@@ -135,6 +139,44 @@ struct InspectArgs {
     max_size: u64,
 }
 
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The eBPF object (ELF, `clang -target bpf`).
+    object: PathBuf,
+    /// A program to verify, by C function name (repeatable; default: all).
+    #[arg(long = "program", value_name = "NAME")]
+    programs: Vec<String>,
+    /// Write a global before loading, as a variant's config does (repeatable).
+    #[arg(long = "config", value_name = "NAME=VALUE", value_parser = parse_pair)]
+    config: Vec<(String, String)>,
+    /// Release for LINUX_KERNEL_VERSION (default: the running kernel's).
+    #[arg(long, value_name = "R")]
+    kernel_release: Option<String>,
+    /// Kernel config for CONFIG_* externs (default: /boot/config-$(uname -r), then
+    /// /proc/config.gz).
+    #[arg(long, value_name = "FILE")]
+    kconfig: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Refuse files larger than this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = inspect::DEFAULT_MAX_OBJECT_BYTES)]
+    max_size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
 fn parse_query(s: &str) -> Result<Query, String> {
     Query::parse(s)
 }
@@ -165,6 +207,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Profile(args) => profile_cmd(args),
         Command::Inspect(args) => inspect_cmd(args),
+        Command::Verify(args) => verify_cmd(args),
         Command::Builtins => builtins_cmd(),
         Command::Run(args) => run_cmd(args),
         Command::Cleanup(args) => bpfpoly_agent::loader::Loader::cleanup_all(&args.bpffs_root)
@@ -255,6 +298,94 @@ fn inspect_cmd(args: InspectArgs) -> Result<(), Failure> {
         other => Failure::runtime(format!("{}: {other}", args.object.display())),
     })?;
     print_json(&info)
+}
+
+fn verify_cmd(args: VerifyArgs) -> Result<(), Failure> {
+    use bpfpoly_agent::loader::verify::{self, Outcome};
+    let bytes = read_object(&args.object, args.max_size)?;
+    let opts = verify::VerifyOptions {
+        programs: args.programs,
+        config: args.config,
+        kernel_release: args.kernel_release,
+        kconfig_file: args.kconfig,
+    };
+    let report = verify::verify(&bytes, &opts).map_err(|problems| {
+        Failure::runtime(format!(
+            "{}: {}",
+            args.object.display(),
+            problems.join("; ")
+        ))
+    })?;
+    match args.output {
+        Format::Json => print_json(&report)?,
+        Format::Text => {
+            println!("{} on {}:", args.object.display(), report.kernel_release);
+            for p in &report.programs {
+                match &p.outcome {
+                    Outcome::Verified {
+                        instructions,
+                        verify_ms,
+                    } => println!(
+                        "  verified  {} ({}): {} instructions, {verify_ms:.2} ms",
+                        p.name,
+                        p.section,
+                        instructions.map_or("?".to_string(), |n| n.to_string())
+                    ),
+                    Outcome::Refused {
+                        stage,
+                        reason,
+                        verifier_log,
+                    } => {
+                        println!(
+                            "  refused   {} ({}) at {}: {reason}",
+                            p.name,
+                            p.section,
+                            serde_json::to_value(stage)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        );
+                        if let Some(log) = verifier_log {
+                            let lines: Vec<&str> = log.lines().collect();
+                            for line in &lines[lines.len().saturating_sub(8)..] {
+                                println!("      | {line}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if report.all_verified() {
+        Ok(())
+    } else {
+        let refused = report
+            .programs
+            .iter()
+            .filter(|p| !matches!(p.outcome, Outcome::Verified { .. }))
+            .count();
+        Err(Failure::runtime(format!(
+            "{refused} of {} program(s) refused",
+            report.programs.len()
+        )))
+    }
+}
+
+fn read_object(path: &std::path::Path, max: u64) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Failure::runtime(format!("cannot read {}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::runtime(format!("cannot read {}: {e}", path.display())))?;
+    if bytes.len() as u64 > max {
+        return Err(Failure::runtime(format!(
+            "{} is larger than the limit of {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 /// One built-in object as `builtins` lists it.

@@ -3,8 +3,8 @@
 //! loader's object check, raw kernel BTF through the agent's BTF query answering
 //! (in process, and through `bpfpoly-agent profile --btf-path` for the exit codes).
 //!
-//! Seeds: every built-in object, every `ebpf/build/*.o`, and Debian libxdp1's objects
-//! (`dpkg -L libxdp1`). Mutations are structure-aware: ELF header, section header and
+//! Seeds: every built-in object, every `ebpf/build/*.o`, the parity corpus (built here
+//! with clang), and Debian libxdp1's objects (`dpkg -L libxdp1`). Mutations are structure-aware: ELF header, section header and
 //! symbol fields set to boundary values, byte noise aimed at what the parsers read (not
 //! DWARF), truncation, insertion/deletion, section data spliced from another object,
 //! and BTF type records rewired into loops (self-referencing typedefs/pointers, anonymous
@@ -202,6 +202,43 @@ fn libxdp_objects() -> Vec<PathBuf> {
 }
 
 /// (name, bytes) of every seed object.
+/// The parity corpus (tests/fixtures/parity/*.c and the kconfig fixture), built with
+/// clang: `__kconfig` externs and libbpf-only section names take the rewrite path.
+fn parity_corpus() -> Vec<(String, Vec<u8>)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("parity"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    sources.push(root.join("kconfig/kconfig_externs.c"));
+    sources.sort();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz_parity_seeds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let multiarch = Command::new("clang")
+        .arg("-print-multiarch")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    sources
+        .into_iter()
+        .map(|source| {
+            let out = dir.join(source.with_extension("o").file_name().unwrap());
+            let built = Command::new("clang")
+                .args(["-O2", "-g", "-target", "bpf", "-c"])
+                .arg(&source)
+                .arg("-o")
+                .arg(&out)
+                .args(["-idirafter", &format!("/usr/include/{multiarch}")])
+                .output()
+                .expect("clang");
+            assert!(built.status.success(), "clang {}", source.display());
+            (source.display().to_string(), std::fs::read(&out).unwrap())
+        })
+        .collect()
+}
+
 fn corpus() -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = bpfpoly_agent::builtin::names()
         .iter()
@@ -225,6 +262,9 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
                 out.push((f.display().to_string(), bytes));
             }
         }
+    }
+    for (name, bytes) in parity_corpus() {
+        out.push((name, bytes));
     }
     let xdp = libxdp_objects();
     if xdp.is_empty() {

@@ -20,6 +20,8 @@ use bpfpoly_crds::{
     state::{FallbackRecord, FallbackStage, HandlerState},
 };
 
+use crate::kconfig::{self, KernelFacts};
+
 use super::{
     dispatch,
     object::{
@@ -62,6 +64,8 @@ pub(super) struct Kernel {
     /// `EbpfLoader::new()` parses the kernel's BTF (10-20 ms, most of an apply); a
     /// thread keeps one loader parsed ahead so that apply does not wait for it.
     spare: Option<Receiver<EbpfLoader<'static>>>,
+    /// What `__kconfig` externs are filled from, read on first need.
+    facts: KernelFacts,
 }
 
 impl Kernel {
@@ -79,13 +83,21 @@ impl Kernel {
         Self {
             btf: None,
             spare: spare.flatten(),
+            facts: KernelFacts::running(),
         }
+    }
+
+    /// Resolve `__kconfig` externs from `facts` instead of the running kernel.
+    pub(super) fn with_facts(mut self, facts: KernelFacts) -> Self {
+        self.facts = facts;
+        self
     }
 
     pub(super) fn set_prewarm(&mut self, on: bool) {
         if on != self.spare.is_some() {
             *self = Self {
                 btf: self.btf.take(),
+                facts: std::mem::take(&mut self.facts),
                 ..Self::new(on)
             };
         }
@@ -94,6 +106,12 @@ impl Kernel {
     /// Frees the parsed kernel BTF (15-20 MiB) between applies.
     pub(super) fn release_btf(&mut self) {
         self.btf = None;
+        self.facts.forget();
+    }
+
+    /// The kernel's BTF, as a load error when it cannot be read.
+    pub(super) fn btf_ref(&mut self) -> Result<&Btf, LoadError> {
+        self.btf().map_err(LoadError::other)
     }
 
     fn btf(&mut self) -> Result<&Btf, String> {
@@ -371,7 +389,17 @@ pub(super) fn open_object(
         loader.extension(name.as_str());
     }
     let aligned = object::Aligned::new(bytes);
-    loader.load(aligned.bytes()).map_err(|e| {
+    let resolved = kconfig::resolve_object(aligned.bytes(), &kernel.facts).map_err(|problems| {
+        Failure::new(
+            FallbackStage::Verify,
+            format!("resolving __kconfig externs: {}", problems.join("; ")),
+        )
+    })?;
+    let resolved_aligned = resolved.as_deref().map(object::Aligned::new);
+    let bytes = resolved_aligned
+        .as_ref()
+        .map_or_else(|| aligned.bytes(), |a| a.bytes());
+    loader.load(bytes).map_err(|e| {
         let (message, log) = match &e {
             aya::EbpfError::BtfError(aya::BtfError::LoadError {
                 io_error,
