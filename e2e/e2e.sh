@@ -15,6 +15,8 @@ rc=0
 python3 "$REPO/e2e/e2e_test.py" || rc=$?
 # The README's own-object recipe, as written.
 [ $rc -ne 0 ] || python3 "$REPO/e2e/own_object_test.py" || rc=$?
+# __kconfig externs through a BpfPolyProgram: the values the program sees are the kernel's.
+[ $rc -ne 0 ] || python3 "$REPO/e2e/kconfig_object_test.py" || rc=$?
 # Prometheus scrapes the stack; every dashboard query runs against it.
 [ $rc -ne 0 ] || bash "$REPO/e2e/prometheus.sh" || rc=$?
 if [ $rc -ne 0 ]; then

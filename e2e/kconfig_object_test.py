@@ -7,9 +7,7 @@ weak missing ones, and publishes what it saw in its array map `seen`. It goes in
 ConfigMap in `bpfpoly-system` and a BpfPolyProgram attaches it to the raw tracepoint
 sys_enter; the test then reads `seen` with bpftool and checks every value against the
 kernel's, read here independently (uname, /proc/config.gz or /boot/config-*, kallsyms).
-Needs the `make run` stack (KUBECONFIG) and root. Not yet in e2e.sh; run so far against a
-stack of the same components on other ports (e2e/cluster.sh with BPFPOLY_*_PORT, the
-operator, one agent with --configmap-namespaces bpfpoly-system).
+Needs the `make run` stack (KUBECONFIG) and root; run by `make e2e` (e2e/e2e.sh).
 """
 
 import gzip
