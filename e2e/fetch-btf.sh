@@ -11,6 +11,9 @@
 #
 #   bash e2e/fetch-btf.sh             fetch if missing
 #   bash e2e/fetch-btf.sh --refresh   fetch again (picks up a newer package)
+#   bash e2e/fetch-btf.sh --from-vmlinuz VMLINUZ OUT.btf
+#                                     only the extraction, for a vmlinuz already on disk
+#                                     (e2e/kernels/fetch.sh uses it for every kernel it fetches)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,15 +26,68 @@ MIN_TYPES=50000 # the 6.1 cloud kernel has about 95k; anything far below is not 
 log() { echo "[bpfpoly] $*" >&2; }
 die() { echo "[bpfpoly] ERROR: $*" >&2; exit 1; }
 
+# Valid BTF starts with the magic 0xeB9F (little-endian on x86).
+is_btf() { [[ -s $1 && $(od -An -tx1 -N2 "$1" | tr -d ' \n') == 9feb ]]; }
+
+# extract_btf VMLINUZ WORK: the raw .BTF of the kernel in an x86 bzImage, as WORK/vmlinux.btf.
+extract_btf() {
+    local VMLINUZ=$1 WORK=$2 SETUP_SECTS PAYLOAD_OFFSET PAYLOAD_LENGTH START MAGIC OBJCOPY
+    # x86 boot protocol setup header: the protected-mode kernel starts after
+    # (setup_sects + 1) 512-byte sectors; payload_offset/payload_length locate the
+    # compressed vmlinux inside it.
+    u8()  { od -An -tu1 -j "$2" -N1 "$1" | tr -d ' '; }
+    u32() { od -An -tu4 -j "$2" -N4 --endian=little "$1" | tr -d ' '; }
+    [[ $(od -An -c -j $((0x202)) -N4 "$VMLINUZ" | tr -d ' ') == HdrS ]] \
+        || die "$VMLINUZ is not an x86 bzImage (no HdrS setup header)"
+    SETUP_SECTS="$(u8 "$VMLINUZ" $((0x1f1)))"
+    [[ $SETUP_SECTS -eq 0 ]] && SETUP_SECTS=4 # boot protocol: 0 means 4
+    PAYLOAD_OFFSET="$(u32 "$VMLINUZ" $((0x248)))"
+    PAYLOAD_LENGTH="$(u32 "$VMLINUZ" $((0x24c)))"
+    START=$(((SETUP_SECTS + 1) * 512 + PAYLOAD_OFFSET))
+    dd if="$VMLINUZ" of="$WORK/payload" bs=1M iflag=skip_bytes,count_bytes \
+        skip="$START" count="$PAYLOAD_LENGTH" status=none
+    [[ $(stat -c %s "$WORK/payload") -eq $PAYLOAD_LENGTH && $PAYLOAD_LENGTH -gt 0 ]] \
+        || die "payload of $VMLINUZ (offset $START, length $PAYLOAD_LENGTH) lies outside the file"
+
+    MAGIC="$(od -An -tx1 -N6 "$WORK/payload" | tr -d ' \n')"
+    case "$MAGIC" in
+        02214c18*) log "btf: payload is LZ4 (legacy), $PAYLOAD_LENGTH bytes at offset $START; decompressing"
+                   lz4 -d -c "$WORK/payload" >"$WORK/vmlinux" 2>"$WORK/lz4.log" || true ;;
+        1f8b*)     gzip -d -c "$WORK/payload" >"$WORK/vmlinux" 2>/dev/null || true ;;
+        fd377a585a00) xz -d -c "$WORK/payload" >"$WORK/vmlinux" 2>/dev/null || true ;;
+        # zstd (6.12 and newer): the kernel build appends the uncompressed size as 4 bytes,
+        # which zstd reads as a truncated frame; cut them off first.
+        28b52ffd*) log "btf: payload is zstd, $PAYLOAD_LENGTH bytes at offset $START; decompressing"
+                   head -c $((PAYLOAD_LENGTH - 4)) "$WORK/payload" | zstd -d -q -c >"$WORK/vmlinux" 2>"$WORK/lz4.log" || true ;;
+        *) die "unknown compression of the vmlinux payload in $VMLINUZ (magic $MAGIC)" ;;
+    esac
+    # The payload may carry trailing bytes (the decompressed size); decompressors
+    # then complain at the end although the ELF is complete, so judge the result.
+    [[ $(od -An -c -N4 "$WORK/vmlinux" | tr -d ' ') == 177ELF ]] \
+        || { cat "$WORK/lz4.log" >&2 2>/dev/null || true; die "decompressed payload of $VMLINUZ is not an ELF vmlinux"; }
+
+    OBJCOPY="$(command -v objcopy || command -v llvm-objcopy || true)"
+    [[ -n $OBJCOPY ]] || die "neither objcopy nor llvm-objcopy found"
+    "$OBJCOPY" -O binary --only-section=.BTF "$WORK/vmlinux" "$WORK/vmlinux.btf" \
+        || die "$OBJCOPY could not extract .BTF from vmlinux"
+    is_btf "$WORK/vmlinux.btf" || die "the .BTF section of $VMLINUZ's vmlinux is missing or not BTF"
+    rm -f "$WORK/vmlinux" "$WORK/payload"
+}
+
 REFRESH=0
 case "${1:-}" in
     "") ;;
     --refresh) REFRESH=1 ;;
-    *) die "usage: $0 [--refresh]" ;;
+    --from-vmlinuz)
+        [[ $# -eq 3 && -f $2 ]] || die "usage: $0 --from-vmlinuz VMLINUZ OUT.btf"
+        bash "$HERE/install-deps.sh" --apt lz4 zstd xz-utils binutils
+        FROM_WORK="$(mktemp -d)"
+        trap 'rm -rf "$FROM_WORK"' EXIT
+        extract_btf "$2" "$FROM_WORK"
+        mv -f "$FROM_WORK/vmlinux.btf" "$3"
+        exit 0 ;;
+    *) die "usage: $0 [--refresh | --from-vmlinuz VMLINUZ OUT.btf]" ;;
 esac
-
-# Valid BTF starts with the magic 0xeB9F (little-endian on x86).
-is_btf() { [[ -s $1 && $(od -An -tx1 -N2 "$1" | tr -d ' \n') == 9feb ]]; }
 
 if [[ $REFRESH -eq 0 && -L $LINK && -s $RELEASE_FILE ]] && is_btf "$LINK"; then
     exit 0
@@ -80,41 +136,7 @@ if [[ $REFRESH -eq 1 || ! -s $OUT ]] || ! is_btf "$OUT"; then
     [[ $(basename "$VMLINUZ") == "vmlinuz-$RELEASE" ]] \
         || log "btf: warning: package $PKG holds $(basename "$VMLINUZ"), expected vmlinuz-$RELEASE"
 
-    # x86 boot protocol setup header: the protected-mode kernel starts after
-    # (setup_sects + 1) 512-byte sectors; payload_offset/payload_length locate the
-    # compressed vmlinux inside it.
-    u8()  { od -An -tu1 -j "$2" -N1 "$1" | tr -d ' '; }
-    u32() { od -An -tu4 -j "$2" -N4 --endian=little "$1" | tr -d ' '; }
-    [[ $(od -An -c -j $((0x202)) -N4 "$VMLINUZ" | tr -d ' ') == HdrS ]] \
-        || die "$VMLINUZ is not an x86 bzImage (no HdrS setup header)"
-    SETUP_SECTS="$(u8 "$VMLINUZ" $((0x1f1)))"
-    [[ $SETUP_SECTS -eq 0 ]] && SETUP_SECTS=4 # boot protocol: 0 means 4
-    PAYLOAD_OFFSET="$(u32 "$VMLINUZ" $((0x248)))"
-    PAYLOAD_LENGTH="$(u32 "$VMLINUZ" $((0x24c)))"
-    START=$(((SETUP_SECTS + 1) * 512 + PAYLOAD_OFFSET))
-    dd if="$VMLINUZ" of="$WORK/payload" bs=1M iflag=skip_bytes,count_bytes \
-        skip="$START" count="$PAYLOAD_LENGTH" status=none
-    [[ $(stat -c %s "$WORK/payload") -eq $PAYLOAD_LENGTH && $PAYLOAD_LENGTH -gt 0 ]] \
-        || die "payload of $VMLINUZ (offset $START, length $PAYLOAD_LENGTH) lies outside the file"
-
-    MAGIC="$(od -An -tx1 -N6 "$WORK/payload" | tr -d ' \n')"
-    case "$MAGIC" in
-        02214c18*) log "btf: payload is LZ4 (legacy), $PAYLOAD_LENGTH bytes at offset $START; decompressing"
-                   lz4 -d -c "$WORK/payload" >"$WORK/vmlinux" 2>"$WORK/lz4.log" || true ;;
-        1f8b*)     gzip -d -c "$WORK/payload" >"$WORK/vmlinux" 2>/dev/null || true ;;
-        fd377a585a00) xz -d -c "$WORK/payload" >"$WORK/vmlinux" 2>/dev/null || true ;;
-        *) die "unknown compression of the vmlinux payload in $VMLINUZ (magic $MAGIC)" ;;
-    esac
-    # The payload may carry trailing bytes (the decompressed size); decompressors
-    # then complain at the end although the ELF is complete, so judge the result.
-    [[ $(od -An -c -N4 "$WORK/vmlinux" | tr -d ' ') == 177ELF ]] \
-        || { cat "$WORK/lz4.log" >&2 2>/dev/null || true; die "decompressed payload of $VMLINUZ is not an ELF vmlinux"; }
-
-    OBJCOPY="$(command -v objcopy || command -v llvm-objcopy || true)"
-    [[ -n $OBJCOPY ]] || die "neither objcopy nor llvm-objcopy found"
-    "$OBJCOPY" -O binary --only-section=.BTF "$WORK/vmlinux" "$WORK/vmlinux.btf" \
-        || die "$OBJCOPY could not extract .BTF from vmlinux"
-    is_btf "$WORK/vmlinux.btf" || die "the .BTF section of $RELEASE's vmlinux is missing or not BTF"
+    extract_btf "$VMLINUZ" "$WORK"
     chmod 0644 "$WORK/vmlinux.btf"
     mv -f "$WORK/vmlinux.btf" "$OUT.tmp"
     mv -f "$OUT.tmp" "$OUT"

@@ -21,7 +21,8 @@ APT_PACKAGES=(
     golang-go rsync make dpkg-dev xz-utils # building kube-apiserver from Debian's source
     golang-github-modern-go-reflect2-dev   # reflect2 1.0.2 for that build (see build-apiserver.sh)
     etcd-server openssl curl               # the local control plane (cluster.sh)
-    lz4 binutils                           # extracting real kernels' BTF (fetch-btf.sh)
+    lz4 zstd binutils                      # extracting real kernels' BTF (fetch-btf.sh)
+    qemu-system-x86 busybox-static cpio socat kmod  # Debian kernels in microVMs (e2e/kernels/)
     libxdp1                                # xdp-dispatcher.o, the dispatch-overhead anchor
     iproute2                               # veth pairs for XDP/tc tests
     prometheus                             # metrics scraping in e2e
