@@ -296,9 +296,10 @@ fn describe_links(links: &[LinkRecord]) -> String {
     let parts: Vec<String> = links
         .iter()
         .filter(|l| l.kind != "freplace")
-        .map(|l| match &l.mode {
-            Some(m) => format!("{} {} ({m})", l.kind, l.target),
-            None => format!("{} {}", l.kind, l.target),
+        .map(|l| match (&l.mode, l.netlink) {
+            (Some(m), Some(_)) => format!("{} (netlink) {} ({m})", l.kind, l.target),
+            (Some(m), None) => format!("{} {} ({m})", l.kind, l.target),
+            (None, _) => format!("{} {}", l.kind, l.target),
         })
         .collect();
     if parts.is_empty() {
@@ -877,7 +878,7 @@ impl Loader {
         for entry in entries {
             let path = entry.map_err(io_error(bpffs_root))?.path();
             if path.is_dir() {
-                fs::remove_dir_all(&path).map_err(io_error(&path))?;
+                pins::remove_dir(&path).map_err(io_error(&path))?;
                 removed += 1;
             } else {
                 fs::remove_file(&path).map_err(io_error(&path))?;

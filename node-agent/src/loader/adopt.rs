@@ -109,6 +109,10 @@ fn verify_links(info: &RunningInfo) -> (bool, Option<String>) {
     let mut notes = Vec::new();
     let mut consistent = true;
     for link in &info.links {
+        if link.netlink.is_some() {
+            // A legacy tc filter has no pin to check; it lives until removed.
+            continue;
+        }
         let path = info.pin_dir.join(&link.pin);
         let found = PinnedLink::from_pin(&path)
             .map_err(|e| candidate::chain(&e))

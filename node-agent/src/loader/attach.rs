@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{qdisc_add_clsact, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
         xdp::XdpLink,
         BtfTracePoint, FEntry, FExit, KProbe, LinkOrder, RawTracePoint, SchedClassifier,
         TcAttachType, TracePoint, Xdp, XdpMode,
@@ -363,6 +363,7 @@ fn attach_tc(
                 .find(|(i, l)| {
                     !used[*i]
                         && l.kind == "tc"
+                        && l.netlink.is_none()
                         && l.target == *iface
                         && l.mode.as_deref() == Some(direction)
                         && l.program == name
@@ -384,14 +385,26 @@ fn attach_tc(
                 });
                 id
             }
-            // TCX links only: netlink filters cannot be pinned and die with the agent.
-            None => tc
-                .attach_with_options(
-                    iface,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| fail(&e))?,
+            None => match tc.attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            ) {
+                Ok(id) => id,
+                // No TCX before 6.6 (BPF_LINK_CREATE answers EINVAL there): a cls_bpf
+                // filter on the clsact qdisc instead, made next to any older one.
+                Err(tcx) => {
+                    records.push(attach_tc_netlink(
+                        tc,
+                        name,
+                        iface,
+                        attach_type,
+                        direction,
+                        &tcx,
+                    )?);
+                    continue;
+                }
+            },
         };
         let link = tc.take_link(id).map_err(|e| fail(&e))?;
         let link = FdLink::try_from(link).map_err(|e| fail(&e))?;
@@ -400,6 +413,51 @@ fn attach_tc(
         );
     }
     Ok(())
+}
+
+/// Legacy tc: the clsact qdisc (made if missing) and a direct-action cls_bpf filter.
+/// The filter is recorded by priority and handle and stays attached when the agent
+/// lets go of it; `pins::remove_dir` detaches it.
+fn attach_tc_netlink(
+    tc: &mut SchedClassifier,
+    name: &str,
+    iface: &str,
+    attach_type: TcAttachType,
+    direction: &str,
+    tcx: &dyn std::error::Error,
+) -> Result<LinkRecord, Failure> {
+    let what = format!(
+        "as a tc (netlink) {direction} filter on {iface} after TCX failed ({})",
+        chain(tcx)
+    );
+    let fail = |e: &dyn std::error::Error| attach_failure(name, &what, e);
+    if let Err(e) = qdisc_add_clsact(iface) {
+        // EEXIST: the qdisc is there already (another program, or an earlier version).
+        let exists = matches!(&e, TcError::NetlinkError(n)
+            if n.raw_os_error().map(|c| std::io::Error::from_raw_os_error(c).kind())
+                == Some(std::io::ErrorKind::AlreadyExists));
+        if !exists {
+            return Err(fail(&e));
+        }
+    }
+    let id = tc
+        .attach_with_options(
+            iface,
+            attach_type,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .map_err(|e| fail(&e))?;
+    let link = tc.take_link(id).map_err(|e| fail(&e))?;
+    let filter = pins::NetlinkFilter {
+        priority: link.priority().map_err(|e| fail(&e))?,
+        handle: link.handle().map_err(|e| fail(&e))?.into(),
+    };
+    let program_id = tc.info().map_err(|e| fail(&e))?.id();
+    // Dropping the link would detach the filter: it lives on, recorded, until removed.
+    std::mem::forget(link);
+    Ok(pins::netlink_record(
+        name, iface, direction, program_id, filter,
+    ))
 }
 
 /// Undoes `changes`, newest first: links go back to the previous programs. Returns

@@ -96,6 +96,102 @@ pub struct LinkRecord {
     pub link_id: u32,
     /// Kernel id of the program the link runs.
     pub program_id: u32,
+    /// Legacy tc (kernels before 6.6 have no TCX): the cls_bpf filter on the interface's
+    /// clsact qdisc. It has no link to pin (`pin` is empty); `remove_dir` detaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netlink: Option<NetlinkFilter>,
+}
+
+/// A legacy tc filter: what identifies it on its interface and hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetlinkFilter {
+    /// Filter priority (chosen by the kernel at attach).
+    pub priority: u16,
+    /// Filter handle (`major << 16 | minor`, chosen by the kernel at attach).
+    pub handle: u32,
+}
+
+/// Records a legacy tc filter of `program` (attached through netlink) on `iface`.
+pub(super) fn netlink_record(
+    program: &str,
+    iface: &str,
+    direction: &str,
+    program_id: u32,
+    filter: NetlinkFilter,
+) -> LinkRecord {
+    LinkRecord {
+        program: program.to_owned(),
+        kind: "tc".to_owned(),
+        target: iface.to_owned(),
+        mode: Some(direction.to_owned()),
+        pin: String::new(),
+        link_id: 0,
+        program_id,
+        netlink: Some(filter),
+    }
+}
+
+/// Detaches the legacy tc filters recorded in `links`. A filter already gone (its
+/// interface deleted) is fine; other errors are returned.
+pub(super) fn detach_netlink(links: &[LinkRecord]) -> Result<(), String> {
+    use aya::programs::{
+        links::Link,
+        tc::{SchedClassifierLink, TcHandle},
+        TcAttachType,
+    };
+    let mut errors = Vec::new();
+    for link in links {
+        let Some(filter) = link.netlink else {
+            continue;
+        };
+        let attach_type = match link.mode.as_deref() {
+            Some("egress") => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        };
+        let handle = TcHandle::new((filter.handle >> 16) as u16, filter.handle as u16);
+        let detached =
+            SchedClassifierLink::attached(&link.target, attach_type, filter.priority, handle, None)
+                .map_err(|e| e.to_string())
+                .and_then(|l| l.detach().map_err(|e| chain(&e)));
+        match detached {
+            Ok(()) => {}
+            Err(_) if !Path::new("/sys/class/net").join(&link.target).exists() => {}
+            Err(e) => errors.push(format!(
+                "detaching the tc filter of {:?} on {}: {e}",
+                link.program, link.target
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Detaches the legacy tc filters recorded under `dir` (a version directory with its
+/// `meta`, or a program directory holding such directories): unpinning does not.
+fn detach_recorded_netlink(dir: &Path) -> io::Result<()> {
+    #[derive(Deserialize)]
+    struct Links {
+        #[serde(default)]
+        links: Vec<LinkRecord>,
+    }
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Ok(entries) = fs::read_dir(dir) {
+        dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for d in dirs {
+        if !d.join(META_PIN).exists() {
+            continue;
+        }
+        let Ok(json) = read_meta(&d) else { continue };
+        let Ok(record) = serde_json::from_slice::<Links>(&json) else {
+            continue;
+        };
+        detach_netlink(&record.links).map_err(io::Error::other)?;
+    }
+    Ok(())
 }
 
 /// Pins `link` as `link_<program>_<kind>_<target>` in `dir` and records it.
@@ -130,6 +226,7 @@ pub(super) fn pin_link(
         pin,
         link_id: info.id(),
         program_id: info.program_id(),
+        netlink: None,
     })
 }
 
@@ -150,8 +247,10 @@ pub(super) fn empty_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes `dir` and everything pinned under it; a missing directory is fine.
+/// Removes `dir` and everything pinned under it, detaching its legacy tc filters
+/// first; a missing directory is fine.
 pub(super) fn remove_dir(dir: &Path) -> io::Result<()> {
+    detach_recorded_netlink(dir)?;
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
