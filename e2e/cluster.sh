@@ -14,7 +14,8 @@
 #   kubeconfig                admin (group system:masters)
 #   kubeconfig-operator       user bpfpoly-operator    (no groups: RBAC must grant it)
 #   kubeconfig-agent-local    user bpfpoly-agent-local (no groups: RBAC must grant it)
-#   tokens.csv, pki/sa.{key,pub}, certs/ (serving cert), etcd/ (data), *.log, *.pid
+#   tokens.csv, pki/sa.{key,pub}, pki/ca.{key,crt} (local CA), certs/ (serving cert for
+#   127.0.0.1 and 10.0.2.100, the microVMs' guestfwd address), etcd/ (data), *.log, *.pid
 # Ports (override with the variables): etcd client 23790 (BPFPOLY_ETCD_PORT),
 # etcd peer 23800 (BPFPOLY_ETCD_PEER_PORT), API server 16443 (BPFPOLY_APISERVER_PORT).
 set -euo pipefail
@@ -144,15 +145,44 @@ ensure_credentials() {
     fi
 }
 
-# kubeconfig for one token user. The CA is the API server's own self-signed serving
-# certificate chain (generated in --cert-dir, valid for 127.0.0.1): real TLS
-# verification, for kubectl and for kube-rs with rustls alike.
+# The API server's serving certificate, signed by a local CA (pki/ca.{key,crt}). It covers
+# 127.0.0.1 (host processes) and 10.0.2.100, the address at which the microVMs' guestfwd
+# (e2e/kernels/vm.sh) forwards to this port: agents in real-kernel guests verify it too.
+# Made once and kept; remade when it expires within a day or lacks one of the addresses.
+SERVING_SANS="IP:127.0.0.1,IP:10.0.2.100,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+ensure_serving_cert() {
+    local crt=$RUN/certs/apiserver.crt key=$RUN/certs/apiserver.key
+    if [[ ! -s $RUN/pki/ca.crt || ! -s $RUN/pki/ca.key ]] || ! openssl x509 -checkend 86400 -noout -in "$RUN/pki/ca.crt" >/dev/null 2>&1; then
+        log "generating the local CA for the API server's serving certificate"
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout "$RUN/pki/ca.key" -out "$RUN/pki/ca.crt" \
+            -days 365 -subj "/CN=bpfpoly-local-ca" 2>/dev/null
+        chmod 600 "$RUN/pki/ca.key"
+        rm -f "$crt" "$key"
+    fi
+    if [[ -s $crt && -s $key ]] && openssl x509 -checkend 86400 -noout -in "$crt" >/dev/null 2>&1 \
+        && openssl verify -CAfile "$RUN/pki/ca.crt" "$crt" >/dev/null 2>&1 \
+        && openssl x509 -noout -ext subjectAltName -in "$crt" 2>/dev/null | grep -q "IP Address:10.0.2.100"; then
+        return 0
+    fi
+    log "generating the API server's serving certificate ($SERVING_SANS)"
+    openssl req -newkey rsa:2048 -nodes -keyout "$key" -out "$RUN/certs/apiserver.csr" \
+        -subj "/CN=kube-apiserver" 2>/dev/null
+    openssl x509 -req -in "$RUN/certs/apiserver.csr" -CA "$RUN/pki/ca.crt" -CAkey "$RUN/pki/ca.key" \
+        -CAcreateserial -out "$crt" -days 365 \
+        -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' "$SERVING_SANS") 2>/dev/null \
+        || die "openssl could not sign the serving certificate"
+    chmod 600 "$key"
+    rm -f "$RUN/certs/apiserver.csr"
+}
+
+# kubeconfig for one token user. The CA is the local CA that signed the API server's
+# serving certificate: real TLS verification, for kubectl and for kube-rs with rustls alike.
 write_kubeconfig() {
     local user=$1 file=$2 token ca
     token="$(awk -F, -v u="$user" '$2 == u {print $1; exit}' "$RUN/tokens.csv")"
     [[ -n $token ]] || die "no token for $user in $RUN/tokens.csv"
-    [[ -s $RUN/certs/apiserver.crt ]] || die "$RUN/certs/apiserver.crt missing"
-    ca="$(base64 -w0 <"$RUN/certs/apiserver.crt")"
+    [[ -s $RUN/pki/ca.crt ]] || die "$RUN/pki/ca.crt missing"
+    ca="$(base64 -w0 <"$RUN/pki/ca.crt")"
     umask 077
     cat >"$file.tmp" <<EOF
 apiVersion: v1
@@ -229,12 +259,7 @@ start_apiserver() {
         return 0
     fi
     rm -f "$RUN/kube-apiserver.pid"
-    # The self-signed serving certificate is made once and lasts a year; an expiring
-    # one is dropped so the API server makes a new one (kubeconfigs are rewritten after).
-    if [[ -s $RUN/certs/apiserver.crt ]] && ! openssl x509 -checkend 86400 -noout -in "$RUN/certs/apiserver.crt" >/dev/null 2>&1; then
-        log "kube-apiserver: serving certificate expires within a day; regenerating"
-        rm -f "$RUN/certs/apiserver.crt" "$RUN/certs/apiserver.key"
-    fi
+    ensure_serving_cert # kubeconfigs are rewritten after the start
     port_busy "$API_PORT" && die "port $API_PORT (kube-apiserver) is taken by another process; set BPFPOLY_APISERVER_PORT"
     log "kube-apiserver: starting on $API_URL"
     start_daemon kube-apiserver "$APISERVER_BIN" \
@@ -244,6 +269,8 @@ start_apiserver() {
         --secure-port "$API_PORT" \
         --insecure-port 0 \
         --cert-dir "$RUN/certs" \
+        --tls-cert-file "$RUN/certs/apiserver.crt" \
+        --tls-private-key-file "$RUN/certs/apiserver.key" \
         --token-auth-file "$RUN/tokens.csv" \
         --authorization-mode RBAC \
         --service-account-issuer https://kubernetes.default.svc \
