@@ -7,7 +7,7 @@ CARGO ?= cargo
 RUN_DIR := $(CURDIR)/.run
 KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
 
-.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down api-test test run stop e2e bench fuzz chaos soak chart-test clean
+.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down api-test test run stop e2e kernels bench fuzz chaos soak chart-test clean
 
 all: build
 
@@ -48,11 +48,12 @@ cluster-down:
 api-test: cluster-up
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/api-test.sh
 
-## run: local control plane + operator + agents (this node and a second one on 6.1 BTF), samples applied
+## run: local control plane + operator + agents (this node, and Debian kernels in qemu microVMs:
+##      BPFPOLY_KERNELS, default "6.1"; e.g. BPFPOLY_KERNELS="5.10 6.12"), samples applied
 run:
 	bash e2e/run.sh run
 
-## stop: stop what `make run` started, unload the programs, stop the control plane
+## stop: stop what `make run` started (microVMs included), unload the programs, stop the control plane
 stop:
 	bash e2e/run.sh stop
 
@@ -81,7 +82,12 @@ soak:
 e2e:
 	bash e2e/e2e.sh
 
-test: deps lint unit api-test chart-test e2e
+## kernels: the kernel matrix: every sample on Debian 5.10, 6.1, 6.12 and 7.2 (qemu microVMs)
+##          and this host, exact per-kernel expectations; writes target/kernels/matrix.json
+kernels:
+	bash e2e/kernels/matrix.sh
+
+test: deps lint unit api-test chart-test e2e kernels
 
 clean:
 	rm -rf target ebpf/build

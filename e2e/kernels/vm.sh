@@ -190,8 +190,9 @@ cmd_start() {
         : >"$RUN/$k/console.log"
         rm -f "$RUN/$k/qemu.pid"
         # -no-reboot: a guest that powers off or panics (panic=-1) ends qemu.
-        setsid qemu-system-x86_64 -name "bpfpoly-$k" -accel tcg -cpu max -smp 1 -m "$MEMORY" \
-            -nodefaults -no-user-config -nographic -no-reboot \
+        # -daemonize: qemu detaches (re-parented to init, which reaps it) once it runs.
+        qemu-system-x86_64 -name "bpfpoly-$k" -accel tcg -cpu max -smp 1 -m "$MEMORY" \
+            -nodefaults -no-user-config -display none -daemonize -no-reboot \
             -serial "file:$RUN/$k/console.log" -monitor none \
             -kernel "$CACHE/kernels/$k/vmlinuz" -initrd "$RUN/$k/initrd" \
             -append "console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on" \
@@ -199,7 +200,8 @@ cmd_start() {
             -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$port-:9464,guestfwd=tcp:10.0.2.100:$API_PORT-cmd:socat - TCP:127.0.0.1:$API_PORT" \
             -device virtio-net-pci,netdev=n0,romfile= \
             -pidfile "$RUN/$k/qemu.pid" \
-            </dev/null >"$RUN/$k/qemu.log" 2>&1 &
+            </dev/null >"$RUN/$k/qemu.log" 2>&1 \
+            || { cat "$RUN/$k/qemu.log" >&2; die "$k: qemu did not start"; }
         local i
         for i in $(seq 50); do [[ -s $RUN/$k/qemu.pid ]] && break; sleep 0.1; done
         [[ -n $(qemu_pid "$k") ]] || { cat "$RUN/$k/qemu.log" >&2; die "$k: qemu did not start"; }

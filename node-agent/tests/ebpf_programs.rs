@@ -25,8 +25,8 @@ use std::{
 use aya::{
     maps::{MapData, PerCpuArray, PerfEventArray, ProgramArray, RingBuf},
     programs::{
-        kprobe::KProbeError, BtfTracePoint, Extension, KProbe, ProgramError, SchedClassifier,
-        TestRun, TestRunOptions, TracePoint, Xdp,
+        kprobe::KProbeError, BtfTracePoint, Extension, KProbe, ProgramError, RawTracePoint,
+        SchedClassifier, TestRun, TestRunOptions, TracePoint, Xdp,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -171,6 +171,8 @@ fn every_object_loads_with_aya() {
         ("exec-tracer-kprobe", &["on_exec"][..]),
         ("exec-tracer-tpbtf", &["on_exec"][..]),
         ("exec-tracer-tracepoint", &["on_exec"][..]),
+        ("comm-stats-loop", &["on_exec"][..]),
+        ("comm-stats-bounded", &["on_exec"][..]),
     ]);
     for (name, programs) in &expected {
         let mut ebpf = EbpfLoader::new()
@@ -193,6 +195,8 @@ fn every_builtin_is_covered_by_these_tests() {
     assert_eq!(
         builtin::names(),
         [
+            "comm-stats-bounded",
+            "comm-stats-loop",
             "exec-tracer-kprobe",
             "exec-tracer-tpbtf",
             "exec-tracer-tracepoint",
@@ -271,6 +275,8 @@ fn every_object_loads_with_bpftool() {
         ("exec-tracer-kprobe", &["on_exec"][..]),
         ("exec-tracer-tpbtf", &["on_exec"][..]),
         ("exec-tracer-tracepoint", &["on_exec"][..]),
+        ("comm-stats-loop", &["on_exec"][..]),
+        ("comm-stats-bounded", &["on_exec"][..]),
     ] {
         let pinned = bpftool_loadall(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(pinned, programs, "{name}: pinned programs");
@@ -1195,6 +1201,40 @@ fn attach_exec_tracer(ebpf: &mut Ebpf, name: &str) {
                 .expect("attaching tracepoint/sched/sched_process_exec");
         }
         other => panic!("no attach recipe for {other}"),
+    }
+}
+
+/// Both comm-stats variants count an exec of `true` (comm "true", 4 characters) in
+/// bucket 4 of `comm_len`.
+#[test]
+fn comm_stats_counts_the_length_of_an_execed_command_name() {
+    require_privileges!();
+    ensure_mounts();
+    for name in ["comm-stats-loop", "comm-stats-bounded"] {
+        let mut ebpf = EbpfLoader::new()
+            .load(object(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let p: &mut RawTracePoint = ebpf
+            .program_mut("on_exec")
+            .expect("on_exec")
+            .try_into()
+            .expect("raw tracepoint");
+        p.load().unwrap_or_else(|e| panic!("{name}: loading on_exec: {e}"));
+        p.attach("sched_process_exec")
+            .unwrap_or_else(|e| panic!("{name}: attaching: {e}"));
+        let bucket = |ebpf: &Ebpf| -> u64 {
+            let map: aya::maps::Array<_, u64> =
+                aya::maps::Array::try_from(ebpf.map("comm_len").expect("comm_len")).unwrap();
+            map.get(&4, 0).unwrap()
+        };
+        let before = bucket(&ebpf);
+        for _ in 0..3 {
+            let status = std::process::Command::new("/bin/true").status().unwrap();
+            assert!(status.success());
+        }
+        // Other processes may exec meanwhile; our three are the floor.
+        let after = bucket(&ebpf);
+        assert!(after >= before + 3, "{name}: bucket 4 went {before} -> {after}");
     }
 }
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make kernels`: the kernel matrix (part of `make test`). Starts the stack of `make run` with
+# every Debian kernel of e2e/kernels/kernels.list as a real-kernel node (qemu microVMs) plus
+# this host, runs matrix_test.py (exact per-kernel expectations; writes
+# target/kernels/matrix.json), and stops what it started. Root, qemu and BPF are required:
+# without them it fails with the reason (BPFPOLY_SKIP_PRIVILEGED=1 skips it, saying so).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+export KUBECONFIG="${KUBECONFIG:-$REPO/.run/cluster/kubeconfig}"
+export BPFPOLY_KERNELS="${BPFPOLY_KERNELS:-$(awk '!/^#/ && NF {printf "%s ", $1}' "$REPO/e2e/kernels/kernels.list")}"
+if [ "${BPFPOLY_SKIP_PRIVILEGED:-}" = 1 ]; then
+  echo "[bpfpoly] kernels: SKIPPED (BPFPOLY_SKIP_PRIVILEGED=1): the matrix needs root, BPF and qemu"
+  exit 0
+fi
+[ "$(id -u)" = 0 ] || { echo "[bpfpoly] kernels: the matrix loads eBPF programs and boots microVMs: run it as root" >&2; exit 1; }
+if [ -f "$REPO/.run/operator.pid" ] && kill -0 "$(cat "$REPO/.run/operator.pid")" 2>/dev/null; then
+  echo "[bpfpoly] kernels: a \`make run\` stack is running; \`make stop\` first (the matrix starts its own with every kernel)" >&2
+  exit 1
+fi
+mkdir -p "$REPO/.run"
+T0=$SECONDS
+echo "[bpfpoly] kernels: starting the stack with kernels: $BPFPOLY_KERNELS (log .run/matrix-run.log)"
+set +e +o pipefail
+bash "$REPO/e2e/run.sh" run 2>&1 | tee "$REPO/.run/matrix-run.log" | grep --line-buffered -E '^\[bpfpoly\] (vm|kernels|[0-9]/6)'
+run_rc=${PIPESTATUS[0]}
+set -e -o pipefail
+if [ "$run_rc" -ne 0 ] || ! grep -q '^Stop:' "$REPO/.run/matrix-run.log"; then
+  tail -40 "$REPO/.run/matrix-run.log"
+  rc=1
+else
+  rc=0
+  echo "[bpfpoly] kernels: stack up in $((SECONDS - T0)) s"
+  python3 "$REPO/e2e/kernels/matrix_test.py" || rc=$?
+fi
+if [ $rc -ne 0 ]; then
+  for k in $BPFPOLY_KERNELS; do echo "--- .run/kernels/$k/console.log (tail)"; tail -12 "$REPO/.run/kernels/$k/console.log" 2>/dev/null || true; done
+  echo "--- .run/operator.log (tail)"; tail -12 "$REPO/.run/operator.log" 2>/dev/null || true
+fi
+bash "$REPO/e2e/run.sh" stop >"$REPO/.run/matrix-stop.log" 2>&1 || { cat "$REPO/.run/matrix-stop.log"; rc=1; }
+if pgrep -f "qemu-system-x86_64 .*$REPO/.run/kernels/" >/dev/null; then
+  echo "[bpfpoly] kernels: qemu processes left behind after stop:" >&2
+  pgrep -af "qemu-system-x86_64 .*$REPO/.run/kernels/" >&2
+  rc=1
+fi
+echo "[bpfpoly] kernels: matrix $([ $rc -eq 0 ] && echo passed || echo FAILED) in $((SECONDS - T0)) s"
+exit $rc
