@@ -39,7 +39,7 @@ fi
 say "SIGKILL, operator restart, API server and etcd outages"
 python3 "$REPO/e2e/chaos_test.py" || rc=1
 if [ $rc -ne 0 ]; then
-  for f in operator agent-local agent-old-kernel rel/agent-rel-node; do
+  for f in operator agent-local rel/agent-rel-node; do
     [ -f "$REPO/.run/$f.log" ] && { echo "--- .run/$f.log (tail)"; tail -15 "$REPO/.run/$f.log"; }
   done
 fi

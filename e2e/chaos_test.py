@@ -621,7 +621,7 @@ class Chaos(unittest.TestCase):
         t_change = time.time()
         wait(f"reconvergence after {what}", done, timeout=120, interval=0.1)
         t_conv = time.time()
-        alive = {n: _pid_alive(os.path.join(RUN, f"{n}.pid")) for n in ("operator", "agent-local", "agent-old-kernel")}
+        alive = {n: _pid_alive(os.path.join(RUN, f"{n}.pid")) for n in ("operator", "agent-local")}
         result = {"down_s": round(t_back - t_down, 1), "operator_survived": operator_survived,
                   "operator_restarted_by_test": supervisor, "frames_sent_while_down": sent,
                   "frames_counted_while_down": counted_during,

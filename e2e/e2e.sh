@@ -20,7 +20,7 @@ python3 "$REPO/e2e/e2e_test.py" || rc=$?
 # Prometheus scrapes the stack; every dashboard query runs against it.
 [ $rc -ne 0 ] || bash "$REPO/e2e/prometheus.sh" || rc=$?
 if [ $rc -ne 0 ]; then
-  for f in operator agent-local agent-old-kernel; do echo "--- .run/$f.log (tail)"; tail -15 "$REPO/.run/$f.log"; done
+  for f in operator agent-local kernels/6.1/console; do echo "--- .run/$f.log (tail)"; tail -15 "$REPO/.run/$f.log"; done
 fi
 if [ $started = 1 ]; then bash "$REPO/e2e/run.sh" stop >/dev/null 2>&1 || true; fi
 exit $rc

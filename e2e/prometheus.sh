@@ -17,9 +17,11 @@ say() { echo "[bpfpoly] prometheus: $*"; }
 [ "$(id -u)" = 0 ] || { echo "the Prometheus checks need the stack, which loads eBPF programs: run as root" >&2; exit 1; }
 
 # The endpoints `e2e/run.sh run` starts (node name = the agent's --node-name).
-AGENT_LOCAL=127.0.0.1:9464
-AGENT_OLD=127.0.0.1:9466
-OPERATOR=127.0.0.1:9465
+AGENT_LOCAL=127.0.0.1:${BPFPOLY_AGENT_METRICS_PORT:-9464}
+# Node debian-6-1: Debian's 6.1 kernel in a microVM (e2e/kernels/vm.sh), its agent's
+# /metrics through the VM's hostfwd on loopback.
+AGENT_OLD=127.0.0.1:$((${BPFPOLY_VM_METRICS_BASE:-9470} + 1))
+OPERATOR=127.0.0.1:${BPFPOLY_OPERATOR_METRICS_PORT:-9465}
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -47,7 +49,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if [ $started = 1 ] || ! pid_alive "$RUN/agent-local.pid" || ! pid_alive "$RUN/agent-old-kernel.pid"; then
+if [ $started = 1 ] || ! pid_alive "$RUN/agent-local.pid"; then
   mkdir -p "$RUN"
   say "starting the stack (make run output in .run/prometheus-run.log)"
   bash "$REPO/e2e/run.sh" run >"$RUN/prometheus-run.log" 2>&1 || { tail -40 "$RUN/prometheus-run.log"; exit 1; }
@@ -55,7 +57,7 @@ fi
 
 # 1. promtool on each endpoint's exposition. Exit codes: 0 clean, 3 lint findings, else error.
 rc=0
-for ep in "agent local=$AGENT_LOCAL" "agent old-kernel=$AGENT_OLD" "operator=$OPERATOR"; do
+for ep in "agent local=$AGENT_LOCAL" "agent debian-6-1=$AGENT_OLD" "operator=$OPERATOR"; do
   name=${ep%%=*} addr=${ep#*=}
   body=$(curl -fsS --max-time 5 "http://$addr/metrics") || { say "FAIL: $name http://$addr/metrics unreachable"; rc=1; continue; }
   [ -n "$body" ] || { say "FAIL: $name http://$addr/metrics is empty"; rc=1; continue; }
@@ -104,7 +106,7 @@ scrape_configs:
       - targets: ['$AGENT_LOCAL']
         labels: {node: local, component: agent, instance: local}
       - targets: ['$AGENT_OLD']
-        labels: {node: old-kernel, component: agent, instance: old-kernel}
+        labels: {node: debian-6-1, component: agent, instance: debian-6-1}
   - job_name: operator
     metrics_path: /metrics
     static_configs:

@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
 # `make run` / `make stop`: a local bpfpoly on this machine.
 #
-#   run:  install what is missing, build, start the local control plane, the operator and two
-#         agents, apply the samples, wait until they settle, and show what was chosen where.
-#   stop: stop what `run` started (by PID), unload the programs, remove the veths, stop the
-#         control plane.
+#   run:  install what is missing, build, start the local control plane, the operator, the
+#         agent of this machine and the real-kernel nodes, apply the samples, wait until they
+#         settle, and show what was chosen where.
+#   stop: stop what `run` started (by PID), power the microVMs off, unload the programs,
+#         remove the veths, stop the control plane.
 #
-# Node `local` is this machine. Node `old-kernel` is a SECOND AGENT ON THE SAME HOST that
-# answers from Debian's 6.1 kernel BTF (--btf-path) and keeps its pins in its own bpffs root;
-# it loads into this host's kernel, on its own veth pairs, so one run shows two kernels
-# choosing differently.
+# Node `local` is this machine. Each kernel in BPFPOLY_KERNELS (default "6.1"; any of
+# e2e/kernels/kernels.list: "5.10 6.1 6.12 7.2") is a real Debian kernel booted in a qemu
+# microVM (e2e/kernels/vm.sh) whose own bpfpoly-agent is node debian-<version>, reaching the
+# API server through the VM's guestfwd only.
+#
+# Ports and names (override for parallel runs): BPFPOLY_AGENT_METRICS_PORT (9464),
+# BPFPOLY_OPERATOR_METRICS_PORT (9465), BPFPOLY_VM_METRICS_BASE (9470: the microVMs' agents),
+# BPFPOLY_BPFFS_ROOT (/sys/fs/bpf/bpfpoly), BPFPOLY_VETH_PREFIX (bpfpoly: this machine's veth
+# pairs PREFIX0/1 and PREFIX2/3; the samples name bpfpoly0-3, aliased when the prefix differs),
+# and cluster.sh's BPFPOLY_ETCD_PORT, BPFPOLY_ETCD_PEER_PORT, BPFPOLY_APISERVER_PORT.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 RUN="$REPO/.run"
-BIN="$REPO/target/release"
+BIN="${CARGO_TARGET_DIR:-$REPO/target}/release"
+KERNELS="${BPFPOLY_KERNELS-6.1}"
+AGENT_PORT="${BPFPOLY_AGENT_METRICS_PORT:-9464}"
+OPERATOR_PORT="${BPFPOLY_OPERATOR_METRICS_PORT:-9465}"
+BPFFS_ROOT="${BPFPOLY_BPFFS_ROOT:-/sys/fs/bpf/bpfpoly}"
+VETH="${BPFPOLY_VETH_PREFIX:-bpfpoly}"
+VM="$REPO/e2e/kernels/vm.sh"
 export KUBECONFIG="${KUBECONFIG:-$RUN/cluster/kubeconfig}"
 say() { echo "[bpfpoly] $*"; }
 
@@ -49,11 +62,10 @@ veth() { # a b
 
 # ConfigMaps with bytecode are read from this namespace only.
 BYTECODE_NS=bpfpoly-system
-CACHE="${BPFPOLY_CACHE:-$HOME/.cache/bpfpoly}"
-OLD_BTF="$CACHE/btf/debian-6.1-cloud.btf"
-OLD_RELEASE_FILE="$CACHE/btf/debian-6.1-cloud.release"
-ALIASES=(--interface-alias bpfpoly0=bpfold0 --interface-alias bpfpoly1=bpfold1
-         --interface-alias bpfpoly2=bpfold2 --interface-alias bpfpoly3=bpfold3)
+ALIASES=()
+if [ "$VETH" != bpfpoly ]; then
+  for i in 0 1 2 3; do ALIASES+=(--interface-alias "bpfpoly$i=$VETH$i"); done
+fi
 
 cmd_run() {
   [ "$(id -u)" = 0 ] || { echo "make run loads eBPF programs: run it as root" >&2; exit 1; }
@@ -71,35 +83,26 @@ cmd_run() {
   kubectl wait --for condition=established --timeout=30s crd/bpfpolyprograms.bpfpoly.io >/dev/null
   # The namespace whose ConfigMaps the agents read bytecode from (README: your own object).
   kubectl create namespace "$BYTECODE_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  say "4/6 nodes and veth pairs"
+  say "4/6 nodes and veth pairs; booting the real-kernel nodes (${KERNELS:-none})"
   kubectl apply -f - >/dev/null <<'EOF'
 apiVersion: v1
 kind: Node
 metadata:
   name: local
   labels: {bpfpoly.io/host: this-machine}
----
-apiVersion: v1
-kind: Node
-metadata:
-  name: old-kernel
-  labels: {bpfpoly.io/host: this-machine, bpfpoly.io/second-agent-on-same-host: "true"}
-  annotations: {bpfpoly.io/note: "second agent on this host, answering from Debian 6.1 BTF"}
 EOF
-  veth bpfpoly0 bpfpoly1; veth bpfpoly2 bpfpoly3
-  veth bpfold0 bpfold1; veth bpfold2 bpfold3
+  veth "${VETH}0" "${VETH}1"; veth "${VETH}2" "${VETH}3"
+  # shellcheck disable=SC2086 # a list of kernels
+  [ -z "$KERNELS" ] || bash "$VM" start $KERNELS
   say "5/6 starting the operator and the agents"
   start_bg operator "$RUN/operator.pid" "$RUN/operator.log" \
-    "$BIN/bpfpoly-operator" run --kubeconfig "$KUBECONFIG" --metrics-addr 127.0.0.1:9465
+    "$BIN/bpfpoly-operator" run --kubeconfig "$KUBECONFIG" --metrics-addr "127.0.0.1:$OPERATOR_PORT"
   start_bg "agent local" "$RUN/agent-local.pid" "$RUN/agent-local.log" \
     "$BIN/bpfpoly-agent" run --node-name local --kubeconfig "$KUBECONFIG" \
-    --bpffs-root /sys/fs/bpf/bpfpoly --metrics-addr 127.0.0.1:9464 \
-    --allowed-bytecode-dirs "$RUN/bytecode" --configmap-namespaces "$BYTECODE_NS"
-  start_bg "agent old-kernel (second agent, same host)" "$RUN/agent-old-kernel.pid" "$RUN/agent-old-kernel.log" \
-    "$BIN/bpfpoly-agent" run --node-name old-kernel --kubeconfig "$KUBECONFIG" \
-    --btf-path "$OLD_BTF" --kernel-release "$(cat "$OLD_RELEASE_FILE")" \
-    --bpffs-root /sys/fs/bpf/bpfpoly-old-kernel --metrics-addr 127.0.0.1:9466 \
-    --allowed-bytecode-dirs "$RUN/bytecode" --configmap-namespaces "$BYTECODE_NS" "${ALIASES[@]}"
+    --bpffs-root "$BPFFS_ROOT" --metrics-addr "127.0.0.1:$AGENT_PORT" \
+    --allowed-bytecode-dirs "$RUN/bytecode" --configmap-namespaces "$BYTECODE_NS" ${ALIASES[@]+"${ALIASES[@]}"}
+  # shellcheck disable=SC2086
+  [ -z "$KERNELS" ] || bash "$VM" wait $KERNELS
   say "6/6 applying the samples in crds/examples/ and waiting for them to settle"
   kubectl apply -f "$REPO/crds/examples/" >/dev/null
   local deadline=$((SECONDS + 180)) not_ready
@@ -126,9 +129,9 @@ show() {
   done
   cat <<EOF
 
-Metrics:   agent local http://127.0.0.1:9464/metrics · agent old-kernel http://127.0.0.1:9466/metrics
-           operator    http://127.0.0.1:9465/metrics
-Logs:      .run/operator.log, .run/agent-local.log, .run/agent-old-kernel.log
+Metrics:   agent local http://127.0.0.1:$AGENT_PORT/metrics · operator http://127.0.0.1:$OPERATOR_PORT/metrics
+$(for k in $KERNELS; do echo "           agent $(bash "$VM" node-name "$k") (Debian $k, microVM) http://127.0.0.1:$(bash "$VM" metrics-port "$k")/metrics"; done)
+Logs:      .run/operator.log, .run/agent-local.log$(for k in $KERNELS; do printf ', .run/kernels/%s/console.log' "$k"; done)
 kubectl:   export KUBECONFIG=$KUBECONFIG
            kubectl get bpp,bns,bnp; kubectl get events -n default
 Explain:   target/release/bpfpoly-operator explain exec-tracer
@@ -139,15 +142,16 @@ EOF
 cmd_stop() {
   stop_pid operator "$RUN/operator.pid"
   stop_pid "agent local" "$RUN/agent-local.pid"
-  stop_pid "agent old-kernel" "$RUN/agent-old-kernel.pid"
+  # Every microVM this checkout started (their programs go with their kernels).
+  bash "$VM" stop
   # SIGTERM leaves programs running by design; stop removes them, and the roots with them.
-  for root in /sys/fs/bpf/bpfpoly /sys/fs/bpf/bpfpoly-old-kernel; do
+  for root in "$BPFFS_ROOT"; do
     if [ -x "$BIN/bpfpoly-agent" ] && [ -d "$root" ]; then
       "$BIN/bpfpoly-agent" cleanup --bpffs-root "$root" || true
     fi
     if [ -d "$root" ]; then say "WARNING: $root is still there"; fi
   done
-  for l in bpfpoly0 bpfpoly2 bpfold0 bpfold2; do ip link del "$l" 2>/dev/null || true; done
+  for l in "${VETH}0" "${VETH}2"; do ip link del "$l" 2>/dev/null || true; done
   bash "$REPO/e2e/cluster.sh" down
 }
 
