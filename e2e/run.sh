@@ -92,6 +92,13 @@ metadata:
   labels: {bpfpoly.io/host: this-machine}
 EOF
   veth "${VETH}0" "${VETH}1"; veth "${VETH}2" "${VETH}3"
+  # microVM nodes of an earlier run that this one does not boot: their Node objects go
+  # (a rollout would wait for them forever).
+  local keep=" " n
+  for k in $KERNELS; do keep+="$(bash "$VM" node-name "$k") "; done
+  for n in $(kubectl get nodes -l bpfpoly.io/microvm=true -o jsonpath='{.items[*].metadata.name}'); do
+    case "$keep" in *" $n "*) ;; *) kubectl delete node "$n" --wait=false >/dev/null; say "deleted node $n (its microVM is not part of this run)" ;; esac
+  done
   # shellcheck disable=SC2086 # a list of kernels
   [ -z "$KERNELS" ] || bash "$VM" start $KERNELS
   say "5/6 starting the operator and the agents"

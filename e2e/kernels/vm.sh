@@ -5,7 +5,7 @@
 #
 #   bash e2e/kernels/vm.sh start KERNEL...   fetch, build the initramfs, create the Node, boot
 #   bash e2e/kernels/vm.sh wait KERNEL...    wait (with boot progress) until each agent runs
-#   bash e2e/kernels/vm.sh stop [KERNEL...]  power the VMs off (default: every one started)
+#   bash e2e/kernels/vm.sh stop [KERNEL...]  power the VMs off and delete their Nodes (default: all)
 #   bash e2e/kernels/vm.sh kill KERNEL       power one off abruptly (SIGKILL: a node lost)
 #   bash e2e/kernels/vm.sh status            which VMs run
 #   bash e2e/kernels/vm.sh node-name KERNEL  the node name of a kernel (5.10 -> debian-5-10)
@@ -265,7 +265,13 @@ stop_one() { # KERNEL SIGNAL
 cmd_stop() {
     local k ks=("$@")
     [[ $# -gt 0 ]] || mapfile -t ks < <(known)
-    for k in "${ks[@]}"; do stop_one "$k" TERM; done
+    for k in "${ks[@]}"; do
+        stop_one "$k" TERM
+        # A node powered off on purpose is gone from the cluster too: a Node left behind
+        # would be selected (and waited for, as a rollout's canary) by the next run.
+        kubectl delete node "$(node_name "$k")" --ignore-not-found --wait=false --request-timeout=5s \
+            >/dev/null 2>&1 || true
+    done
 }
 
 cmd_status() {

@@ -1219,7 +1219,8 @@ fn comm_stats_counts_the_length_of_an_execed_command_name() {
             .expect("on_exec")
             .try_into()
             .expect("raw tracepoint");
-        p.load().unwrap_or_else(|e| panic!("{name}: loading on_exec: {e}"));
+        p.load()
+            .unwrap_or_else(|e| panic!("{name}: loading on_exec: {e}"));
         p.attach("sched_process_exec")
             .unwrap_or_else(|e| panic!("{name}: attaching: {e}"));
         let bucket = |ebpf: &Ebpf| -> u64 {
@@ -1234,7 +1235,10 @@ fn comm_stats_counts_the_length_of_an_execed_command_name() {
         }
         // Other processes may exec meanwhile; our three are the floor.
         let after = bucket(&ebpf);
-        assert!(after >= before + 3, "{name}: bucket 4 went {before} -> {after}");
+        assert!(
+            after >= before + 3,
+            "{name}: bucket 4 went {before} -> {after}"
+        );
     }
 }
 
