@@ -146,6 +146,7 @@ fn load_all_programs(ebpf: &mut Ebpf) -> Vec<(String, Result<(), ProgramError>)>
             aya::programs::Program::Xdp(p) => p.load(),
             aya::programs::Program::SchedClassifier(p) => p.load(),
             aya::programs::Program::TracePoint(p) => p.load(),
+            aya::programs::Program::RawTracePoint(p) => p.load(),
             aya::programs::Program::KProbe(p) => p.load(),
             aya::programs::Program::BtfTracePoint(p) => p.load("sched_process_exec", &btf),
             other => panic!("{name}: unexpected program type {:?}", other.prog_type()),
