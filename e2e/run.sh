@@ -100,7 +100,7 @@ EOF
     case "$keep" in *" $n "*) ;; *) kubectl delete node "$n" --wait=false >/dev/null; say "deleted node $n (its microVM is not part of this run)" ;; esac
   done
   # shellcheck disable=SC2086 # a list of kernels
-  [ -z "$KERNELS" ] || bash "$VM" start $KERNELS
+  [ -z "$KERNELS" ] || BPFPOLY_CONFIGMAP_NAMESPACES="$BYTECODE_NS" bash "$VM" start $KERNELS
   say "5/6 starting the operator and the agents"
   start_bg operator "$RUN/operator.pid" "$RUN/operator.log" \
     "$BIN/bpfpoly-operator" run --kubeconfig "$KUBECONFIG" --metrics-addr "127.0.0.1:$OPERATOR_PORT"

@@ -19,6 +19,12 @@ if [ -f "$REPO/.run/operator.pid" ] && kill -0 "$(cat "$REPO/.run/operator.pid")
 fi
 mkdir -p "$REPO/.run"
 T0=$SECONDS
+# The kernels first (cached), then the offline explain on each kernel's BTF, required here.
+# shellcheck disable=SC2086 # a list of kernels
+bash "$REPO/e2e/kernels/fetch.sh" $BPFPOLY_KERNELS
+echo "[bpfpoly] kernels: explain offline on each kernel's BTF (BPFPOLY_REQUIRE_KERNELS=1)"
+(cd "$REPO" && BPFPOLY_REQUIRE_KERNELS=1 cargo test -q -p bpfpoly-operator --test explain_offline 2>&1 | tail -n 3) \
+  || { echo "[bpfpoly] kernels: explain_offline failed" >&2; exit 1; }
 echo "[bpfpoly] kernels: starting the stack with kernels: $BPFPOLY_KERNELS (log .run/matrix-run.log)"
 set +e +o pipefail
 bash "$REPO/e2e/run.sh" run 2>&1 | tee "$REPO/.run/matrix-run.log" | grep --line-buffered -E '^\[bpfpoly\] (vm|kernels|[0-9]/6)'

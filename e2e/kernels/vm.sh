@@ -15,7 +15,8 @@
 # serving certificate covers 10.0.2.100, see e2e/cluster.sh), and the host reads the guest
 # agent's /metrics through a hostfwd bound to 127.0.0.1. Nothing else is reachable either way.
 #
-# Environment: BPFPOLY_APISERVER_PORT (16443), BPFPOLY_VM_METRICS_BASE (9470: the agent of the
+# Environment: BPFPOLY_APISERVER_PORT (16443), BPFPOLY_CONFIGMAP_NAMESPACES (bpfpoly-system: where
+# the guest agents may read bytecode ConfigMaps), BPFPOLY_VM_METRICS_BASE (9470: the agent of the
 # i-th kernel in kernels.list is at 127.0.0.1:BASE+i), BPFPOLY_VM_MEMORY (768 MiB),
 # KUBECONFIG (the admin kubeconfig of e2e/cluster.sh, used to create the Node objects and
 # as the guest agent's credentials, with the server address rewritten).
@@ -129,6 +130,7 @@ NODE_NAME=$node
 API_PORT=$API_PORT
 HOST_EPOCH=$(date +%s)
 TRAFFIC_INTERVAL=${BPFPOLY_VM_TRAFFIC_INTERVAL:-2}
+CONFIGMAP_NAMESPACES=${BPFPOLY_CONFIGMAP_NAMESPACES:-bpfpoly-system}
 EOF
     (cd "$dir/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$dir/node.cpio"
     umask 022
