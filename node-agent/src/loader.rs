@@ -240,6 +240,10 @@ struct Running {
     info: RunningInfo,
     status: ProgramStatus,
     counters: Option<PerCpuArray<MapData, u64>>,
+    /// What the versions before this one counted (an update starts a fresh counter map):
+    /// added to the running map's values, so the dispatch counters never go backwards
+    /// while the agent runs.
+    carried: DispatchCounts,
 }
 
 /// Owns the programs this agent runs.
@@ -397,17 +401,10 @@ impl Loader {
     /// path, summed over CPUs). None without counters or when the read fails.
     pub fn dispatch_counts(&self, name: &str) -> Option<DispatchCounts> {
         let running = self.running.get(name)?;
-        let counters = running.counters.as_ref()?;
-        let read = |key: u32| -> Option<u64> {
-            let values = counters.get(&key, 0).ok()?;
-            Some(values.iter().copied().fold(0u64, u64::wrapping_add))
-        };
-        let mut counts = DispatchCounts {
-            default: read(DEFAULT_SLOT)?,
-            ..DispatchCounts::default()
-        };
-        for &key in &running.info.dispatch_keys {
-            counts.per_key.insert(key, read(key)?);
+        let mut counts = own_counts(running)?;
+        counts.default = counts.default.wrapping_add(running.carried.default);
+        for (key, n) in &mut counts.per_key {
+            *n = n.wrapping_add(running.carried.per_key.get(key).copied().unwrap_or(0));
         }
         Some(counts)
     }
@@ -780,8 +777,17 @@ impl Loader {
         }
         // Pinned and recorded: our handles can go.
         drop(loaded);
+        let mut carried = DispatchCounts::default();
         let outcome = match self.running.remove(&a.name) {
             Some(old) => {
+                // The old version's last counts (its links already run the new one).
+                if let Some(last) = own_counts(&old) {
+                    carried.default = old.carried.default.wrapping_add(last.default);
+                    for (key, n) in last.per_key {
+                        let before = old.carried.per_key.get(&key).copied().unwrap_or(0);
+                        carried.per_key.insert(key, before.wrapping_add(n));
+                    }
+                }
                 drop(old.counters);
                 if let Err(e) = pins::remove_dir(&old.info.pin_dir) {
                     warn!(program = %a.name, "removing the previous version's pins: {e}");
@@ -797,6 +803,7 @@ impl Loader {
                 info,
                 status: status.clone(),
                 counters,
+                carried,
             },
         );
         (status, outcome)
@@ -889,6 +896,23 @@ impl Loader {
         fs::remove_dir(bpffs_root).map_err(io_error(bpffs_root))?;
         Ok(removed)
     }
+}
+
+/// The counts in `running`'s own counter map (per key and the default path, summed over CPUs).
+fn own_counts(running: &Running) -> Option<DispatchCounts> {
+    let counters = running.counters.as_ref()?;
+    let read = |key: u32| -> Option<u64> {
+        let values = counters.get(&key, 0).ok()?;
+        Some(values.iter().copied().fold(0u64, u64::wrapping_add))
+    };
+    let mut counts = DispatchCounts {
+        default: read(DEFAULT_SLOT)?,
+        ..DispatchCounts::default()
+    };
+    for &key in &running.info.dispatch_keys {
+        counts.per_key.insert(key, read(key)?);
+    }
+    Some(counts)
 }
 
 fn open_counters(dir: &Path) -> Option<PerCpuArray<MapData, u64>> {

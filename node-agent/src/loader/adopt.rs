@@ -96,6 +96,7 @@ impl Loader {
                 info,
                 status: record.status,
                 counters,
+                carried: super::DispatchCounts::default(),
             },
         );
         Some(adopted)
