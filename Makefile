@@ -7,7 +7,7 @@ CARGO ?= cargo
 RUN_DIR := $(CURDIR)/.run
 KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
 
-.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down api-test test run stop e2e bench fuzz chaos soak chart-test clean
+.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down node-up node-down api-test test run stop e2e bench fuzz chaos soak chart-test clean
 
 all: build
 
@@ -42,7 +42,16 @@ cluster-up:
 	bash e2e/cluster.sh up
 
 cluster-down:
+	bash e2e/node.sh down
 	bash e2e/cluster.sh down
+
+## node-up / node-down: a real node beside it (containerd, CNI bridge, kubelet, kube-proxy,
+## controller-manager, scheduler; Kubernetes 1.20 from the same source); down removes all it made
+node-up: cluster-up
+	bash e2e/node.sh up
+
+node-down:
+	bash e2e/node.sh down
 
 ## api-test: tests against the real API server (starts the local one when KUBECONFIG is unset)
 api-test: cluster-up

@@ -116,6 +116,20 @@ if ! cmp -s "$REFLECT2_NEW/go_above_118.go" "$R2/go_above_118.go" 2>/dev/null; t
     rm -f "$R2/go.mod" "$R2/go.sum"
 fi
 
+# --- 2b. The kubelet links no cloud credential provider or cloud probe -----------------
+# 1.20 links the AWS, Azure and GCP image-credential providers into every kubelet (even
+# providerless); the AWS one asks the cloud metadata address for credentials at start.
+# cAdvisor's cloud probes (gated on DMI files) go too. This machine pulls no image from any
+# registry and runs on no cloud API.
+PATCHED=(cmd/kubelet/app/plugins.go pkg/kubelet/cadvisor/cadvisor_linux.go)
+CLOUD_IMPORTS='_ "\(k8s.io/kubernetes/pkg/credentialprovider\|github.com/google/cadvisor/utils/cloudinfo\)/\(aws\|azure\|gcp\|gce\)"'
+for f in "${PATCHED[@]}"; do
+    if grep -q "$CLOUD_IMPORTS" "$TREE/$f"; then
+        log "$TAG: dropping the cloud credential providers and probes from $f"
+        sed -i "\#$CLOUD_IMPORTS#d" "$TREE/$f"
+    fi
+done
+
 # --- 3. GOPATH layout the 1.20 build scripts expect ----------------------------------
 mkdir -p "$TREE/.go/src/k8s.io"
 [[ -L $TREE/.go/src/k8s.io/kubernetes ]] || ln -sfn ../../.. "$TREE/.go/src/k8s.io/kubernetes"
