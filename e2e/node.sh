@@ -198,7 +198,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 EOF
     # No isGateway: the bridge's address is set here (so the plugin leaves IP forwarding
     # alone); no ipMasq: nothing leaves the machine.
-    cat >"$RUN/cni/net.d/10-bpfpoly.conflist" <<EOF
+    # Written aside and moved in: containerd reloads the directory on every write.
+    cat >"$RUN/cni/10-bpfpoly.conflist.tmp" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "bpfpoly-node",
@@ -219,6 +220,7 @@ EOF
   ]
 }
 EOF
+    mv -f "$RUN/cni/10-bpfpoly.conflist.tmp" "$RUN/cni/net.d/10-bpfpoly.conflist"
 }
 
 # --- up ------------------------------------------------------------------------------
@@ -293,15 +295,32 @@ setup_bridge() {
 # The `kubernetes` Service's endpoint: $GATEWAY:$API_PORT, relayed to the API server.
 setup_api_endpoint() {
     start_daemon api-relay socat -lf "$RUN/api-relay.socat.log" "TCP-LISTEN:$API_PORT,bind=$GATEWAY,fork,reuseaddr" "TCP:127.0.0.1:$API_PORT"
+    # kube-proxy 1.20 reads EndpointSlices: one written here beside the Endpoints (which
+    # the mirroring controller is told to skip, so there is exactly one slice).
     kc apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Endpoints
 metadata:
   name: kubernetes
   namespace: default
+  labels: {endpointslice.kubernetes.io/skip-mirror: "true"}
 subsets:
 - addresses: [{ip: "$GATEWAY"}]
   ports: [{name: https, port: $API_PORT, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels:
+    kubernetes.io/service-name: kubernetes
+    endpointslice.kubernetes.io/managed-by: bpfpoly-node.sh
+addressType: IPv4
+endpoints:
+- addresses: ["$GATEWAY"]
+  conditions: {ready: true}
+ports: [{name: https, port: $API_PORT, protocol: TCP}]
 EOF
 }
 
@@ -523,6 +542,7 @@ cmd_down() {
     if [[ -s $KUBECONFIG_ADMIN ]] && kc get --raw /readyz >/dev/null 2>&1; then
         kc delete node "$NODE_NAME" --ignore-not-found --wait=false >/dev/null 2>&1 || true
         kc delete endpoints kubernetes -n default --ignore-not-found >/dev/null 2>&1 || true
+        kc delete endpointslices.discovery.k8s.io kubernetes -n default --ignore-not-found >/dev/null 2>&1 || true
     fi
     # Containerd's and the kubelet's data (images stay cached in $CACHE/images).
     rm -rf -- "${RUN:?}/containerd" "$RUN/kubelet" "$RUN/cni" "$RUN/pause-root"
