@@ -7,7 +7,7 @@ CARGO ?= cargo
 RUN_DIR := $(CURDIR)/.run
 KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
 
-.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down node-up node-down api-test test run stop e2e bench fuzz chaos soak chart-test clean
+.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down node-up node-down node-test api-test test run stop e2e bench fuzz chaos soak chart-test clean
 
 all: build
 
@@ -85,12 +85,17 @@ chaos:
 soak:
 	bash e2e/soak.sh
 
+## node-test: the chart on a real kubelet node (e2e/node.sh) from the image built offline:
+## Pods Ready, programs loaded from the agent's container, restarts, upgrade, uninstall
+node-test:
+	bash e2e/node-test.sh
+
 ## test: everything; what CI runs
 ## e2e: the end-to-end scenarios on the real stack
 e2e:
 	bash e2e/e2e.sh
 
-test: deps lint unit api-test chart-test e2e
+test: deps lint unit api-test chart-test e2e node-test
 
 clean:
 	rm -rf target ebpf/build

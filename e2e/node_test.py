@@ -39,11 +39,29 @@ NODE = "local"
 VETHS = [("bpn0", "bpn1"), ("bpn2", "bpn3")]
 
 
+CAP_BITS = {"NET_ADMIN": 12, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
+
+
+def host_bounding_set() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("CapBnd:")).split()[1], 16)
+
+
+# The capabilities mode asks for what this host can grant: runc refuses a container whose
+# capabilities are not all in the host's bounding set, and some machines (this VM among them)
+# run root without CAP_SYS_RESOURCE, which only kernels before 5.11 need for BPF maps.
+AGENT_CAPS = [c for c in ("BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE")
+              if host_bounding_set() & (1 << CAP_BITS[c])]
+
+
 def values(tag: str, mode: str) -> dict:
+    agent = {"securityMode": mode, "metricsPort": AGENT_PORT, "bpffsRoot": BPFFS}
+    if mode == "capabilities":
+        agent["capabilities"] = AGENT_CAPS
     return {
         "image": {"repository": "bpfpoly/bpfpoly", "tag": tag, "pullPolicy": "Never"},
         "operator": {"leaderElection": {"leaseSeconds": 10}},
-        "agent": {"securityMode": mode, "metricsPort": AGENT_PORT, "bpffsRoot": BPFFS},
+        "agent": agent,
     }
 
 
@@ -405,9 +423,16 @@ class NodeScenario(unittest.TestCase):
         self.assertEqual(len(standby), 1, f"one standby beside leader {leader}")
         t0 = time.time()
         kubectl("delete", "pod", "-n", NS, leader, "--wait=false")
-        holder = self.wait("the standby holding the Lease", lambda: (lambda h: h if h == standby[0] else None)(
-            lease_holder()), timeout=60)
-        print(f"\n  leader {leader} deleted -> {holder} leads after {time.time() - t0:.1f} s", flush=True)
+        # The deleted leader does not release the Lease on SIGTERM; when it expires, the standby
+        # and the Deployment's replacement Pod both try, and either may win.
+        holder = self.wait("another operator Pod holding the Lease",
+                           lambda: (lambda h: h if h and h != leader else None)(lease_holder()), timeout=60)
+        took = time.time() - t0
+        live = [p["metadata"]["name"] for p in pods("operator")]
+        self.check(holder in live, f"the new leader {holder} is a live operator Pod ({live})")
+        who = "the standby" if holder == standby[0] else "the replacement Pod"
+        print(f"\n  leader {leader} deleted -> {who} {holder} leads after {took:.1f} s", flush=True)
+        self.assertLess(took, 2 * 10 + 15, "leadership moved within two lease durations")
         # The new leader reconciles: a change of the program reaches the node.
         gen = kjson("get", "bpp", "node-classifier")["metadata"]["generation"]
         kubectl("patch", "bpp", "node-classifier", "--type=merge", "-p",
@@ -442,11 +467,14 @@ class NodeScenario(unittest.TestCase):
         self.assertIn(xdp_prog("bpn2"), s["programIds"])
         procs = agent_processes()
         self.check(procs and all("kubepods" in cg for _, cg in procs), f"the agent runs in a Pod: {procs}")
-        want = sum(1 << b for b in (12, 21, 24, 38, 39))  # NET_ADMIN SYS_ADMIN SYS_RESOURCE PERFMON BPF
+        if "SYS_RESOURCE" not in AGENT_CAPS:
+            print("\n  note: this host's bounding set lacks CAP_SYS_RESOURCE; agent.capabilities without it",
+                  flush=True)
+        want = sum(1 << CAP_BITS[c] for c in AGENT_CAPS)
         for pid, _ in procs:
             with open(f"/proc/{pid}/status") as f:
                 eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
-            self.assertEqual(eff, want, f"agent pid {pid} holds exactly the five capabilities (CapEff {eff:x})")
+            self.assertEqual(eff, want, f"agent pid {pid} holds exactly {AGENT_CAPS} (CapEff {eff:x})")
         c1 = udp_count("node-classifier-caps") or 0
         send("bpn3", 150)
         self.wait("150 frames counted by node-classifier-caps",
