@@ -1,7 +1,8 @@
 """The node scenario: the chart installed with the Helm SDK (helm-python-sdk, Helm 4) on a real
 kubelet node (e2e/node.sh: containerd, runc, CNI bridge, kube-proxy, controller-manager,
 scheduler), from the bpfpoly image built offline (e2e/build-image.sh). Nothing here is
-simulated: the operator and the agent run as Pods, the agent loads programs into this
+simulated (except Prometheus's Pod discovery, see discovered_pods: Debian's Prometheus has no
+Kubernetes discovery): the operator and the agent run as Pods, the agent loads programs into this
 machine's kernel from inside its container, and frames sent on a veth pair are counted by them.
 
 Run by e2e/node-test.sh (`make node-test`, part of `make test`), as root. The tests run in
@@ -20,9 +21,11 @@ import subprocess
 import threading
 import time
 import unittest
+import urllib.parse
 import urllib.request
 
 import helm_python as helm
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHART = os.path.join(REPO, "charts", "bpfpoly")
@@ -34,6 +37,8 @@ TAG2 = os.environ.get("BPFPOLY_NODE_TAG2", "node-b")
 AGENT_PORT = int(os.environ.get("BPFPOLY_NODE_METRICS_PORT", "28464"))
 BPFFS = os.environ.get("BPFPOLY_NODE_BPFFS", "/sys/fs/bpf/bpfpoly-node")
 AGENT_METRICS = f"http://127.0.0.1:{AGENT_PORT}/metrics"
+PROM_PORT = int(os.environ.get("BPFPOLY_NODE_PROMETHEUS_PORT", "28090"))
+PROM_DIR = os.path.join(REPO, ".run", "node", "prometheus")
 NODE = "local"
 # Two veth pairs: programs attach to bpn0 and bpn2, frames are sent from bpn1 and bpn3.
 VETHS = [("bpn0", "bpn1"), ("bpn2", "bpn3")]
@@ -282,6 +287,87 @@ def lease_holder() -> str:
     return kjson("get", "lease", "-n", NS, "bpfpoly-operator")["spec"].get("holderIdentity", "")
 
 
+def discovered_pods(path: str) -> None:
+    """Debian's Prometheus 2.42 is built without Kubernetes service discovery, so the Pods are
+    discovered here instead, and that part alone is simulated: each container port of each Pod
+    in the release namespace becomes a file_sd target carrying exactly the
+    __meta_kubernetes_pod_* labels Kubernetes discovery (role: pod) would give it, read from
+    the API server. Prometheus scrapes the real Pods at their real addresses."""
+    groups = []
+    for p in kjson("get", "pods", "-n", NS)["items"]:
+        if p["status"].get("phase") != "Running" or not p["status"].get("podIP"):
+            continue
+        md = p["metadata"]
+        for c in p["spec"]["containers"]:
+            for port in c.get("ports", []):
+                labels = {
+                    "__meta_kubernetes_namespace": md["namespace"],
+                    "__meta_kubernetes_pod_name": md["name"],
+                    "__meta_kubernetes_pod_ip": p["status"]["podIP"],
+                    "__meta_kubernetes_pod_node_name": p["spec"].get("nodeName", ""),
+                    "__meta_kubernetes_pod_container_name": c["name"],
+                    "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                    "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+                }
+                for k, v in md.get("labels", {}).items():
+                    labels["__meta_kubernetes_pod_label_" + "".join(ch if ch.isalnum() else "_" for ch in k)] = v
+                groups.append({"targets": [f"{p['status']['podIP']}:{port['containerPort']}"], "labels": labels})
+    with open(path + ".tmp", "w") as f:
+        json.dump(groups, f)
+    os.replace(path + ".tmp", path)
+
+
+def podmonitor_scrape_config(sd_file: str) -> dict:
+    """A Prometheus scrape config that does what the Prometheus Operator makes of the chart's
+    PodMonitor: pod discovery in the release namespace (see discovered_pods), the PodMonitor's
+    selector and port, its jobLabel, the operator's standard target labels, then the
+    PodMonitor's own relabelings, taken from the chart as rendered (not copied by hand)."""
+    rendered = helm.Chart.load(CHART).render({"metrics": {"podMonitor": {"enabled": True}}},
+                                             name=RELEASE, namespace=NS)
+    pm = yaml.safe_load(rendered["bpfpoly/templates/podmonitor.yaml"])
+    spec = pm["spec"]
+    ep = spec["podMetricsEndpoints"][0]
+    sel = spec["selector"]
+
+    def lbl(k):
+        return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in k)
+
+    relabel = []
+    for k, v in sel["matchLabels"].items():
+        relabel.append({"source_labels": [lbl(k)], "regex": v, "action": "keep"})
+    for e in sel.get("matchExpressions", []):
+        assert e["operator"] == "In", e
+        relabel.append({"source_labels": [lbl(e["key"])], "regex": "|".join(e["values"]), "action": "keep"})
+    relabel += [
+        {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": ep["port"], "action": "keep"},
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"target_label": "endpoint", "replacement": ep["port"]},
+        {"source_labels": [lbl(spec["jobLabel"])], "target_label": "job"},
+    ]
+    for r in ep.get("relabelings", []):
+        out = {"source_labels": r["sourceLabels"]} if "sourceLabels" in r else {}
+        for k_in, k_out in (("targetLabel", "target_label"), ("regex", "regex"), ("replacement", "replacement"),
+                            ("action", "action"), ("separator", "separator")):
+            if k_in in r:
+                out[k_out] = r[k_in]
+        relabel.append(out)
+    return {
+        "job_name": f"podMonitor/{NS}/{pm['metadata']['name']}",
+        "metrics_path": ep["path"],
+        "scrape_interval": "1s", "scrape_timeout": "1s",
+        "file_sd_configs": [{"files": [sd_file], "refresh_interval": "1s"}],
+        "relabel_configs": relabel,
+    }
+
+
+def prom_query(q: str) -> list:
+    url = f"http://127.0.0.1:{PROM_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)["data"]["result"]
+
+
 def helm_cfg():
     return helm.Config(kubeconfig_path=KUBECONFIG, namespace=NS)
 
@@ -479,6 +565,56 @@ class NodeScenario(unittest.TestCase):
         send("bpn3", 150)
         self.wait("150 frames counted by node-classifier-caps",
                   lambda: udp_count("node-classifier-caps") == c1 + 150, timeout=20)
+
+    # 6. Prometheus discovers the Pods through the API server and scrapes them with the
+    #    chart's PodMonitor relabelling: agents named by their node, operators by their Pod.
+    def test_60_prometheus_scrapes_the_pods(self):
+        os.makedirs(PROM_DIR, exist_ok=True)
+        sd_file = os.path.join(PROM_DIR, "pods.json")
+        discovered_pods(sd_file)
+        cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+               "scrape_configs": [podmonitor_scrape_config(sd_file)]}
+        with open(os.path.join(PROM_DIR, "prometheus.yml"), "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        sh("promtool", "check", "config", os.path.join(PROM_DIR, "prometheus.yml"))
+        sh("rm", "-rf", os.path.join(PROM_DIR, "data"))
+        with open(os.path.join(PROM_DIR, "prometheus.log"), "w") as logf:
+            prom = subprocess.Popen(["prometheus", f"--config.file={PROM_DIR}/prometheus.yml",
+                                     f"--web.listen-address=127.0.0.1:{PROM_PORT}",
+                                     f"--storage.tsdb.path={PROM_DIR}/data"],
+                                    stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            def up():
+                r = prom_query("up == 1")
+                return len(r) == 3 and r
+            try:
+                targets = wait("3 targets up (2 operator Pods, 1 agent Pod)", up, timeout=60)
+            except AssertionError as e:
+                with open(os.path.join(PROM_DIR, "prometheus.log")) as f:
+                    self.fail(f"{e}\n--- prometheus.log\n{f.read()[-3000:]}" + pod_report())
+            by_job = {}
+            for t in targets:
+                by_job.setdefault(t["metric"]["job"], []).append(t["metric"])
+            ops = {p["metadata"]["name"] for p in pods("operator")}
+            self.assertEqual({m["pod"] for m in by_job["operator"]}, ops, "operators are named by their Pod")
+            [agent] = by_job["agent"]
+            self.assertEqual((agent["instance"], agent["node"], agent["component"]), (NODE, NODE, "agent"))
+            self.assertNotIn("pod", agent, "an agent's series carry no pod label")
+            # The agent's program metrics arrive through it, named by the node.
+            info = wait("bpfpoly_program_info of the node's programs in Prometheus",
+                        lambda: prom_query('bpfpoly_program_info{job="agent"}'), timeout=30)
+            self.assertEqual({m["metric"]["program"] for m in info}, {"node-classifier", "node-classifier-caps"})
+            self.assertTrue(all(m["metric"]["instance"] == NODE for m in info))
+            self.assertTrue(wait("the leader's reconcile metrics",
+                                 lambda: prom_query('bpfpoly_reconcile_duration_seconds_count{job="operator"}'),
+                                 timeout=30))
+        finally:
+            prom.terminate()
+            try:
+                prom.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                prom.kill()
+                prom.wait()
 
     # 9. helm uninstall: nothing left in the kernel, on bpffs or on a finalizer; CRDs stay.
     def test_90_uninstall_leaves_nothing(self):
