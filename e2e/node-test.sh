@@ -22,8 +22,18 @@ export BPFPOLY_NODE_METRICS_PORT="${BPFPOLY_NODE_METRICS_PORT:-28464}"
 export BPFPOLY_NODE_BPFFS="${BPFPOLY_NODE_BPFFS:-/sys/fs/bpf/bpfpoly-node}"
 export KUBECONFIG="$REPO/.run/cluster/kubeconfig"
 
+if [[ -s $REPO/.run/agent-local.pid ]] && kill -0 "$(<"$REPO/.run/agent-local.pid")" 2>/dev/null; then
+    die "make run's host agent for node local is running: make stop first (the kubelet node is also 'local')"
+fi
 started=0
 bash "$HERE/node.sh" status >/dev/null 2>&1 || started=1
+# A control plane that is not running is started afresh: objects an earlier run left in etcd
+# (make run's Node objects and samples, make chart-test's namespaces) are not this
+# scenario's and would change what it counts.
+if ! bash "$HERE/cluster.sh" status >/dev/null 2>&1; then
+    log "starting the local control plane afresh (cluster.sh down --purge)"
+    bash "$HERE/cluster.sh" down --purge >/dev/null 2>&1
+fi
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 finish() {
     local rc=$?

@@ -272,6 +272,9 @@ check_host() {
         [[ -z $foreign ]] || die "iptables already has KUBE-/CNI- chains this script did not make (another Kubernetes node?): $(echo "$foreign" | tr '\n' ' ')"
         : >"$RUN/iptables-before"
     fi
+    if [[ -s $REPO/.run/agent-local.pid ]] && kill -0 "$(<"$REPO/.run/agent-local.pid")" 2>/dev/null; then
+        die "make run's host agent for node $NODE_NAME is running (.run/agent-local.pid): make stop first"
+    fi
     if pgrep -x kubelet >/dev/null 2>&1 && [[ -z $(our_pid kubelet) ]]; then
         die "another kubelet runs on this machine (pid $(pgrep -x kubelet | head -n 1))"
     fi
