@@ -46,9 +46,7 @@ finish() {
 trap finish EXIT
 t0=$SECONDS
 bash "$HERE/node.sh" up
-for tag in "$BPFPOLY_NODE_TAG1" "$BPFPOLY_NODE_TAG2"; do
-    bash "$HERE/build-image.sh" --tag "$tag" --import >/dev/null
-done
+bash "$HERE/build-image.sh" --tag "$BPFPOLY_NODE_TAG1" --tag "$BPFPOLY_NODE_TAG2" --import >/dev/null
 log "node and images ready ($((SECONDS - t0)) s); running e2e/node_test.py"
 python3 "$HERE/node_test.py" "$@"
 log "node scenario passed ($((SECONDS - t0)) s in all)"

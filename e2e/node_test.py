@@ -375,8 +375,17 @@ def helm_cfg():
 
 # --- the scenario ------------------------------------------------------------------------
 
+class PodFailure(AssertionError):
+    """Every assertion that fails in the scenario says which Pods are not Ready and prints
+    their state, Events and logs (and the last lines of the Ready ones)."""
+
+    def __init__(self, msg=""):
+        super().__init__(f"{msg}{pod_report()}")
+
+
 class NodeScenario(unittest.TestCase):
     installed = False
+    failureException = PodFailure
 
     @classmethod
     def setUpClass(cls):
@@ -416,13 +425,15 @@ class NodeScenario(unittest.TestCase):
 
     def check(self, cond, msg):
         if not cond:
-            self.fail(msg + pod_report())
+            self.fail(msg)
 
     def wait(self, what, fn, timeout=120, interval=0.5):
         try:
             return wait(what, fn, timeout, interval)
+        except PodFailure:
+            raise
         except AssertionError as e:
-            self.fail(str(e) + pod_report())
+            self.fail(str(e))
 
     def wait_rollout(self, tag: str, mode: str):
         def done():
@@ -443,9 +454,13 @@ class NodeScenario(unittest.TestCase):
     # 1. helm install: Pods Running and Ready, probes answering, one leader.
     def test_10_install(self):
         t0 = time.time()
-        rel = helm_cfg().install(CHART, RELEASE, values(TAG1, "privileged"), namespace=NS,
-                                 create_namespace=True, timeout=120)
-        type(self).installed = True
+        try:
+            rel = helm_cfg().install(CHART, RELEASE, values(TAG1, "privileged"), namespace=NS,
+                                     create_namespace=True, timeout=120)
+        except helm.HelmError as e:
+            self.fail(f"helm install: {e}")
+        finally:
+            type(self).installed = True  # a half-done install is uninstalled too
         self.assertEqual(rel["info"]["status"] if "info" in rel else rel.get("status"), "deployed")
         ops, agent = self.wait_rollout(TAG1, "privileged")
         print(f"\n  install -> all Pods Ready: {time.time() - t0:.1f} s", flush=True)
@@ -547,7 +562,10 @@ class NodeScenario(unittest.TestCase):
         before = loaded("node-classifier")
         c0 = udp_count("node-classifier")
         with Traffic("bpn1", "bpn0") as tr:
-            helm_cfg().upgrade(CHART, RELEASE, values(TAG2, "capabilities"), namespace=NS, timeout=120)
+            try:
+                helm_cfg().upgrade(CHART, RELEASE, values(TAG2, "capabilities"), namespace=NS, timeout=120)
+            except helm.HelmError as e:
+                self.fail(f"helm upgrade: {e}")
             self.wait_rollout(TAG2, "capabilities")
             self.wait("node-classifier Loaded under the new agent",
                       lambda: loaded("node-classifier") and udp_count("node-classifier") is not None, timeout=60)
@@ -605,7 +623,7 @@ class NodeScenario(unittest.TestCase):
                 targets = wait("3 targets up (2 operator Pods, 1 agent Pod)", up, timeout=60)
             except AssertionError as e:
                 with open(os.path.join(PROM_DIR, "prometheus.log")) as f:
-                    self.fail(f"{e}\n--- prometheus.log\n{f.read()[-3000:]}" + pod_report())
+                    self.fail(f"{e}\n--- prometheus.log\n{f.read()[-3000:]}")
             by_job = {}
             for t in targets:
                 by_job.setdefault(t["metric"]["job"], []).append(t["metric"])
@@ -639,7 +657,10 @@ class NodeScenario(unittest.TestCase):
                 ids |= set(s.get("programIds") or [])
         self.assertTrue(ids, "programs were loaded before the uninstall")
         t0 = time.time()
-        helm_cfg().uninstall(RELEASE, timeout=180)
+        try:
+            helm_cfg().uninstall(RELEASE, timeout=180)
+        except helm.HelmError as e:
+            self.fail(f"helm uninstall (its pre-delete hook unloads the programs): {e}")
         type(self).installed = False
         print(f"\n  helm uninstall: {time.time() - t0:.1f} s", flush=True)
         self.wait("the release's Pods gone", lambda: not pods(), timeout=120)
