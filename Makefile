@@ -7,7 +7,7 @@ CARGO ?= cargo
 RUN_DIR := $(CURDIR)/.run
 KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
 
-.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down api-test test run stop e2e kernels bench fuzz chaos soak chart-test clean
+.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down node-up node-down node-test api-test test run stop e2e kernels bench fuzz chaos soak chart-test clean
 
 all: build
 
@@ -42,7 +42,16 @@ cluster-up:
 	bash e2e/cluster.sh up
 
 cluster-down:
+	bash e2e/node.sh down
 	bash e2e/cluster.sh down
+
+## node-up / node-down: a real node beside it (containerd, CNI bridge, kubelet, kube-proxy,
+## controller-manager, scheduler; Kubernetes 1.20 from the same source); down removes all it made
+node-up: cluster-up
+	bash e2e/node.sh up
+
+node-down:
+	bash e2e/node.sh down
 
 ## api-test: tests against the real API server (starts the local one when KUBECONFIG is unset)
 api-test: cluster-up
@@ -77,6 +86,11 @@ chaos:
 soak:
 	bash e2e/soak.sh
 
+## node-test: the chart on a real kubelet node (e2e/node.sh) from the image built offline:
+## Pods Ready, programs loaded from the agent's container, restarts, upgrade, uninstall
+node-test:
+	bash e2e/node-test.sh
+
 ## test: everything; what CI runs
 ## e2e: the end-to-end scenarios on the real stack
 e2e:
@@ -87,7 +101,7 @@ e2e:
 kernels:
 	bash e2e/kernels/matrix.sh
 
-test: deps lint unit api-test chart-test e2e kernels
+test: deps lint unit api-test chart-test e2e kernels node-test
 
 clean:
 	rm -rf target ebpf/build

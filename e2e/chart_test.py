@@ -422,8 +422,10 @@ class T2Render(unittest.TestCase):
 
     def test_default_objects(self):
         objs = self.objs("default")
-        self.assertEqual(kinds(objs), {"ServiceAccount": 2, "ClusterRole": 2, "ClusterRoleBinding": 2, "Role": 2,
-                                       "RoleBinding": 2, "Deployment": 1, "DaemonSet": 1, "ConfigMap": 1})
+        # ServiceAccount, ClusterRole, ClusterRoleBinding and Job: one each of the pre-delete
+        # hook that unloads the programs on uninstall (uninstall.unloadPrograms).
+        self.assertEqual(kinds(objs), {"ServiceAccount": 3, "ClusterRole": 3, "ClusterRoleBinding": 3, "Role": 2,
+                                       "RoleBinding": 2, "Deployment": 1, "DaemonSet": 1, "ConfigMap": 1, "Job": 1})
         for o in objs:
             labels = o["metadata"]["labels"]
             self.assertEqual(labels["app.kubernetes.io/instance"], "demo", o["metadata"]["name"])
@@ -672,12 +674,38 @@ class T2Render(unittest.TestCase):
         with self.assertRaisesRegex(helm.HelmError, "leaderElection"):
             render({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}})
 
+    def test_unload_hook(self):
+        objs = self.objs("default")
+        hooks = [o for o in objs if o["metadata"].get("annotations", {}).get("helm.sh/hook")]
+        self.assertEqual(sorted((o["kind"], o["metadata"]["name"]) for o in hooks),
+                         [("ClusterRole", "demo-bpfpoly-unload"), ("ClusterRoleBinding", "demo-bpfpoly-unload"),
+                          ("Job", "demo-bpfpoly-unload"), ("ServiceAccount", "demo-bpfpoly-unload")])
+        for o in hooks:
+            ann = o["metadata"]["annotations"]
+            self.assertEqual(ann["helm.sh/hook"], "pre-delete", o["kind"])
+            self.assertEqual(ann["helm.sh/hook-delete-policy"], "before-hook-creation,hook-succeeded", o["kind"])
+        # The identity, bound before the Job runs, may only read and delete programs.
+        role = find(objs, "ClusterRole", "demo-bpfpoly-unload")
+        self.assertEqual(rules_of(role), {("bpfpoly.io", "bpfpolyprograms"): {"get", "list", "delete"}})
+        job = find(objs, "Job", "demo-bpfpoly-unload")
+        self.assertLess(int(find(objs, "ServiceAccount", "demo-bpfpoly-unload")["metadata"]["annotations"]
+                            ["helm.sh/hook-weight"]), int(job["metadata"]["annotations"]["helm.sh/hook-weight"]))
+        c = container(job)
+        self.assertEqual(c["command"], ["bpfpoly-operator"])
+        self.assertEqual(c["args"], ["unload-all", "--timeout=120"])
+        self.assertEqual(job["spec"]["template"]["spec"]["serviceAccountName"], "demo-bpfpoly-unload")
+        self.assertFalse(c["securityContext"]["privileged"])
+        self.assertEqual(c["securityContext"]["capabilities"], {"drop": ["ALL"]})
+        off = objects_of(render({"uninstall": {"unloadPrograms": False}}))
+        self.assertFalse([o for o in off if "unload" in o["metadata"]["name"]], "unloadPrograms=false: no hook")
+
     def test_names_and_overrides(self):
         objs = objects_of(render({"fullnameOverride": "bp", "operator": {"serviceAccount": {"name": "op-sa"}},
                                   "agent": {"serviceAccount": {"create": False, "name": "node-sa"}}}))
         self.assertEqual(find(objs, "Deployment")["metadata"]["name"], "bp-operator")
         self.assertEqual(find(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"], "op-sa")
-        self.assertEqual([o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"], ["op-sa"])
+        self.assertEqual(sorted(o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"),
+                         ["bp-unload", "op-sa"])
         self.assertEqual(find(objs, "ClusterRoleBinding", "bp-agent")["subjects"][0]["name"], "node-sa")
         with self.assertRaisesRegex(helm.HelmError, "agent.serviceAccount.name is required"):
             render({"agent": {"serviceAccount": {"create": False, "name": ""}}})
@@ -1059,10 +1087,13 @@ class T5ApiServer(unittest.TestCase):
     manifest: list[dict[str, Any]] = []
     crds_before: set[str] = set()
 
-    install_values = {"agent": {"configMapNamespaces": [NS_BC1]}}
+    # No kubelet serves this API server, so the uninstall hook's Job would never run: it is
+    # off here and exercised on the real node (e2e/node_test.py).
+    install_values = {"agent": {"configMapNamespaces": [NS_BC1]}, "uninstall": {"unloadPrograms": False}}
     upgrade_values = {"agent": {"configMapNamespaces": [NS_BC2], "securityMode": "capabilities"},
                       "operator": {"replicas": 3},
-                      "dashboard": {"labelValue": "bpfpoly-upgraded"}}
+                      "dashboard": {"labelValue": "bpfpoly-upgraded"},
+                      "uninstall": {"unloadPrograms": False}}
 
     @classmethod
     def setUpClass(cls):

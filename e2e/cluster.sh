@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The local control plane: etcd + kube-apiserver 1.20 (built from Debian's source by
 # build-apiserver.sh) as host processes on 127.0.0.1. There is no kubelet, scheduler
-# or controller-manager: Pods never run, and nothing garbage-collects ownerReferences
-# or finishes namespace deletion.
+# or controller-manager here: Pods never run, and nothing garbage-collects ownerReferences
+# or finishes namespace deletion, until e2e/node.sh adds a real node (`make node-up`).
+# The API server does not write the `kubernetes` Endpoints itself (its address, 127.0.0.1,
+# is not valid there); node.sh writes them with an address Pods can reach.
 #
 #   bash e2e/cluster.sh up             start (idempotent; a no-op when already healthy)
 #   bash e2e/cluster.sh down [--purge] stop what `up` started; --purge also drops data,
@@ -278,6 +280,8 @@ start_apiserver() {
         --service-account-signing-key-file "$RUN/pki/sa.key" \
         --service-cluster-ip-range 10.0.0.0/24 \
         --allow-privileged=true \
+        --endpoint-reconciler-type none \
+        --kubelet-preferred-address-types InternalIP \
         --profiling=false
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything bpfpoly needs on a Debian 12 machine, idempotently:
-# apt packages, Python wheels, the kube-apiserver built from Debian's source
-# (build-apiserver.sh) and the BTF of Debian's 6.1 cloud kernel (fetch-btf.sh).
+# apt packages, Python wheels, the kube-apiserver and the node components (kubelet,
+# kube-proxy, controller-manager, scheduler) built from Debian's source (build-kube.sh) and
+# the BTF of Debian's 6.1 cloud kernel (fetch-btf.sh).
 # A second run finds everything present and finishes in well under 2 s.
 #
 #   bash e2e/install-deps.sh                 everything (what `make deps` runs)
@@ -27,6 +28,8 @@ APT_PACKAGES=(
     iproute2                               # veth pairs for XDP/tc tests
     prometheus                             # metrics scraping in e2e
     python3 python3-pip ca-certificates    # helm-python-sdk (chart lint/render/install)
+    containerd runc containernetworking-plugins iptables conntrack socat gcc libc6-dev
+                                           # the real node (node.sh) and its pause image
 )
 PIP_REQUIREMENTS=("helm-python-sdk==0.2.2" "pyyaml")
 
@@ -138,5 +141,6 @@ fi
 
 # --- kube-apiserver and real-kernel BTF (cached; no-ops when present) ----------
 bash "$HERE/build-apiserver.sh"
+bash "$HERE/build-kube.sh" kubelet kube-proxy kube-controller-manager kube-scheduler
 bash "$HERE/fetch-btf.sh"
 log "deps: all present"

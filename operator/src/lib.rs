@@ -13,6 +13,7 @@ pub mod run;
 pub mod selector;
 pub mod status;
 pub mod trust;
+pub mod unload;
 pub mod writer;
 
 /// Field manager for every server-side apply the operator makes.

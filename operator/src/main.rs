@@ -94,6 +94,16 @@ enum Command {
         #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
+    /// Delete every BpfPolyProgram and wait until all are gone: their finalizer unloads them
+    /// from every node first. The chart's pre-delete hook runs this on `helm uninstall`.
+    UnloadAll {
+        /// Kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Seconds to wait for the programs to go before failing (naming those left).
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
 }
@@ -154,6 +164,17 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("explain {program}: {e}"))?;
             print!("{text}");
             Ok(())
+        }),
+        Command::UnloadAll {
+            kubeconfig,
+            timeout,
+        } => block_on(async move {
+            let client = bpfpoly_operator::run::client(kubeconfig.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            bpfpoly_operator::unload::unload_all(&client, Duration::from_secs(timeout))
+                .await
+                .map(|_| ())
         }),
         Command::Run {
             kubeconfig,
