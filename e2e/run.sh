@@ -99,6 +99,11 @@ EOF
   for n in $(kubectl get nodes -l bpfpoly.io/microvm=true -o jsonpath='{.items[*].metadata.name}'); do
     case "$keep" in *" $n "*) ;; *) kubectl delete node "$n" --wait=false >/dev/null; say "deleted node $n (its microVM is not part of this run)" ;; esac
   done
+  # The second agent on this host that earlier versions of make run started is retired; a
+  # cluster kept from then still has its Node, which nothing answers for any more.
+  for n in $(kubectl get nodes -l bpfpoly.io/second-agent-on-same-host=true -o jsonpath='{.items[*].metadata.name}'); do
+    kubectl delete node "$n" --wait=false >/dev/null; say "deleted node $n (the retired second agent on this host)"
+  done
   # shellcheck disable=SC2086 # a list of kernels
   [ -z "$KERNELS" ] || BPFPOLY_CONFIGMAP_NAMESPACES="$BYTECODE_NS" bash "$VM" start $KERNELS
   say "5/6 starting the operator and the agents"
