@@ -29,6 +29,10 @@ PROGRAM = """apiVersion: bpfpoly.io/v1alpha1
 kind: BpfPolyProgram
 metadata: {name: %(name)s}
 spec:
+  # This host only: the microVM guests carry no kernel config (/proc/config.gz or /boot), so
+  # their agents refuse the strong CONFIG_* externs by name, and as the rollout's canary the
+  # first of them would hold the program back from this node.
+  nodeSelector: {matchLabels: {bpfpoly.io/host: this-machine}}
   variants:
   - name: main
     bytecode:
