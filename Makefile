@@ -101,9 +101,7 @@ e2e:
 kernels:
 	bash e2e/kernels/matrix.sh
 
-# node-test is not in `test` yet: on the merged tree its Pods cannot reach the API server
-# through the kubernetes Service (client Connect errors), though the host can; see the note.
-test: deps lint unit api-test chart-test e2e kernels
+test: deps lint unit api-test chart-test e2e kernels node-test
 
 clean:
 	rm -rf target ebpf/build

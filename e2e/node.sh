@@ -400,7 +400,7 @@ start_control() {
         --bind-address 127.0.0.1 --port 0 \
         --cert-dir "$RUN/controller-manager" \
         --service-account-private-key-file "$CLUSTER_RUN/pki/sa.key" \
-        --root-ca-file "$CLUSTER_RUN/certs/apiserver.crt" \
+        --root-ca-file "$CLUSTER_RUN/pki/ca.crt" \
         --controllers '*,-csrsigning,-csrapproving,-csrcleaner,-nodeipam,-cloud-node-lifecycle,-service,-route' \
         --leader-elect=false \
         --node-monitor-grace-period 20s \
