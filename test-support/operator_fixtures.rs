@@ -136,8 +136,18 @@ pub async fn wait_event(
     reason: &str,
     program: &str,
 ) -> k8s_openapi::api::events::v1::Event {
+    wait_event_within(c, reason, program, 10).await
+}
+
+/// [`wait_event`] with its own time limit, for Events that follow a timeout of their own.
+pub async fn wait_event_within(
+    c: &Client,
+    reason: &str,
+    program: &str,
+    secs: u64,
+) -> k8s_openapi::api::events::v1::Event {
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.clone(), "default");
-    wait_for(&format!("{reason} Event"), 10, || async {
+    wait_for(&format!("{reason} Event"), secs, || async {
         events
             .list(&Default::default())
             .await

@@ -302,7 +302,8 @@ async fn status_of_every_phase_is_accepted_by_the_crd_schema() {
     bpp.delete("ph-deleting", &DeleteParams::default())
         .await
         .unwrap();
-    wait_event(&c, "UnloadTimeout", "ph-deleting").await;
+    // The operator gives up after its --unload-timeout of 10 s.
+    wait_event_within(&c, "UnloadTimeout", "ph-deleting", 30).await;
     wait_for("ph-deleting gone", 30, || async {
         bpp.get_opt("ph-deleting")
             .await
