@@ -23,6 +23,10 @@ use bpfpoly_crds::state::Phase;
 use loader_support::{assignment, fetch_with, unique_name};
 use serde_json::json;
 
+#[path = "../../test-support/outsider_clang.rs"]
+mod outsider_clang;
+use outsider_clang::build;
+
 const SOURCE: &str = "tests/fixtures/kconfig/kconfig_externs.c";
 
 fn scratch() -> PathBuf {
@@ -30,29 +34,6 @@ fn scratch() -> PathBuf {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kconfig-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Builds C as an outsider would: clang, libbpf's headers, nothing of bpfpoly's.
-pub fn build(source: &Path, out: &Path) {
-    let multiarch = Command::new("clang")
-        .arg("-print-multiarch")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let out_ = Command::new("clang")
-        .args(["-O2", "-g", "-target", "bpf", "-c"])
-        .arg(source)
-        .arg("-o")
-        .arg(out)
-        .args(["-idirafter", &format!("/usr/include/{multiarch}")])
-        .output()
-        .expect("clang (apt-get install clang libbpf-dev)");
-    assert!(
-        out_.status.success(),
-        "clang {}: {}",
-        source.display(),
-        String::from_utf8_lossy(&out_.stderr)
-    );
 }
 
 /// The running kernel's config, read with zcat/cat rather than the agent's parser.

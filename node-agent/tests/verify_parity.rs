@@ -19,32 +19,14 @@ use std::{
 
 use serde_json::Value;
 
+#[path = "../../test-support/outsider_clang.rs"]
+mod outsider_clang;
+use outsider_clang::build;
+
 const BIN: &str = env!("CARGO_BIN_EXE_bpfpoly-agent");
 
 fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn build(source: &Path, out: &Path) {
-    let multiarch = Command::new("clang")
-        .arg("-print-multiarch")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let o = Command::new("clang")
-        .args(["-O2", "-g", "-target", "bpf", "-c"])
-        .arg(source)
-        .arg("-o")
-        .arg(out)
-        .args(["-idirafter", &format!("/usr/include/{multiarch}")])
-        .output()
-        .expect("clang (apt-get install clang libbpf-dev)");
-    assert!(
-        o.status.success(),
-        "clang {}: {}",
-        source.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// What libbpf did with one object.
