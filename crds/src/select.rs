@@ -304,98 +304,23 @@ fn answer(facts: &NodeFacts, q: &Query, what: String, pending: &mut Vec<String>)
 }
 
 fn evaluate(r: &Requirements, prog_types: &BTreeSet<&'static str>, facts: &NodeFacts) -> Eval {
-    let mut checks = Vec::new();
-    let mut pending = Vec::new();
     if !facts.reported {
         return Eval::Pending(vec!["node profile".into()]);
     }
-    if let Some(k) = &r.kernel {
-        // Syntax errors are caught by validation; treat an unparsable one as failing.
-        let req = KernelRequirement::parse(k);
-        let (holds, fact) = match (&req, facts.kernel) {
-            (Ok(req), Some(v)) => (req.matches(v), format!("kernel is {v} ({})", facts.release)),
-            (Err(e), _) => (false, format!("invalid requirement: {e}")),
-            (_, None) => (
-                false,
-                format!("kernel release {:?} is not parsable", facts.release),
-            ),
-        };
-        checks.push(Check {
-            requirement: format!("kernel {k}"),
-            holds,
-            fact,
-        });
-    }
-    if r.btf == Some(true) {
-        checks.push(Check {
-            requirement: "btf".into(),
-            holds: facts.btf,
-            fact: if facts.btf {
-                "available".into()
-            } else {
-                "not available on this kernel".into()
-            },
-        });
-    }
-    let queries = requirement_queries(r, prog_types);
-    for q in &queries {
-        let what = match q {
-            Query::Type(t) => format!("type {t}"),
-            Query::Field(t) => format!("field {t}"),
-            Query::Enum(t) => format!("enum value {t}"),
-            Query::Func(t) => format!("function {t}"),
-            Query::Helper {
-                program_type,
-                helper,
-            } => format!("helper {helper} for {program_type}"),
-        };
-        if let Some(c) = answer(facts, q, what, &mut pending) {
+    let mut checks = Vec::new();
+    let mut pending = Vec::new();
+    checks.extend(check_kernel(r, facts));
+    checks.extend(check_btf(r, facts));
+    for q in &requirement_queries(r, prog_types) {
+        if let Some(c) = answer(facts, q, query_label(q), &mut pending) {
             checks.push(c);
         }
     }
     for pt in &r.program_types {
-        let observed = facts.observed_program_types.contains(pt);
-        let known = facts.program_types.contains(pt);
-        let fact = match (observed, known, facts.features) {
-            (true, _, _) => "observed loading on this node",
-            (false, _, FeatureSource::Unknown) => {
-                pending.push(format!("program type {pt} (not probed on this kernel)"));
-                continue;
-            }
-            (false, true, FeatureSource::Probed) => "supported (probed)",
-            (false, false, FeatureSource::Probed) => "not supported on this kernel (probed)",
-            (false, true, FeatureSource::BtfEnums) => {
-                "in this kernel's enum bpf_prog_type (BTF, not probed)"
-            }
-            (false, false, FeatureSource::BtfEnums) => {
-                "not in this kernel's enum bpf_prog_type (BTF)"
-            }
-        };
-        checks.push(Check {
-            requirement: format!("program type {pt}"),
-            holds: observed || known,
-            fact: fact.into(),
-        });
+        checks.extend(check_program_type(pt, facts, &mut pending));
     }
     for mt in &r.map_types {
-        let holds = facts.map_types.contains(mt);
-        let fact = match (holds, facts.features) {
-            (_, FeatureSource::Unknown) => {
-                pending.push(format!("map type {mt} (not probed on this kernel)"));
-                continue;
-            }
-            (true, FeatureSource::Probed) => "supported (probed)",
-            (false, FeatureSource::Probed) => "not supported on this kernel (probed)",
-            (true, FeatureSource::BtfEnums) => {
-                "in this kernel's enum bpf_map_type (BTF, not probed)"
-            }
-            (false, FeatureSource::BtfEnums) => "not in this kernel's enum bpf_map_type (BTF)",
-        };
-        checks.push(Check {
-            requirement: format!("map type {mt}"),
-            holds,
-            fact: fact.into(),
-        });
+        checks.extend(check_map_type(mt, facts, &mut pending));
     }
     if let Some(failed) = checks.iter().find(|c| !c.holds) {
         // A definite failure decides, even while other facts are still unanswered.
@@ -405,6 +330,98 @@ fn evaluate(r: &Requirements, prog_types: &BTreeSet<&'static str>, facts: &NodeF
         return Eval::Pending(pending);
     }
     Eval::Holds(checks)
+}
+
+/// `requires.kernel` against the node's release. Syntax errors are caught by validation;
+/// an unparsable requirement is treated as failing.
+fn check_kernel(r: &Requirements, facts: &NodeFacts) -> Option<Check> {
+    let k = r.kernel.as_ref()?;
+    let req = KernelRequirement::parse(k);
+    let (holds, fact) = match (&req, facts.kernel) {
+        (Ok(req), Some(v)) => (req.matches(v), format!("kernel is {v} ({})", facts.release)),
+        (Err(e), _) => (false, format!("invalid requirement: {e}")),
+        (_, None) => (
+            false,
+            format!("kernel release {:?} is not parsable", facts.release),
+        ),
+    };
+    Some(Check {
+        requirement: format!("kernel {k}"),
+        holds,
+        fact,
+    })
+}
+
+/// `requires.btf: true` against whether the node has kernel BTF.
+fn check_btf(r: &Requirements, facts: &NodeFacts) -> Option<Check> {
+    (r.btf == Some(true)).then(|| Check {
+        requirement: "btf".into(),
+        holds: facts.btf,
+        fact: if facts.btf {
+            "available".into()
+        } else {
+            "not available on this kernel".into()
+        },
+    })
+}
+
+/// How a BTF query reads in a trace line.
+fn query_label(q: &Query) -> String {
+    match q {
+        Query::Type(t) => format!("type {t}"),
+        Query::Field(t) => format!("field {t}"),
+        Query::Enum(t) => format!("enum value {t}"),
+        Query::Func(t) => format!("function {t}"),
+        Query::Helper {
+            program_type,
+            helper,
+        } => format!("helper {helper} for {program_type}"),
+    }
+}
+
+/// One required program type: observed loading, probed, or read from BTF enums. Unknown
+/// sources leave it pending, never false.
+fn check_program_type(pt: &str, facts: &NodeFacts, pending: &mut Vec<String>) -> Option<Check> {
+    let observed = facts.observed_program_types.contains(pt);
+    let known = facts.program_types.contains(pt);
+    let fact = match (observed, known, facts.features) {
+        (true, _, _) => "observed loading on this node",
+        (false, _, FeatureSource::Unknown) => {
+            pending.push(format!("program type {pt} (not probed on this kernel)"));
+            return None;
+        }
+        (false, true, FeatureSource::Probed) => "supported (probed)",
+        (false, false, FeatureSource::Probed) => "not supported on this kernel (probed)",
+        (false, true, FeatureSource::BtfEnums) => {
+            "in this kernel's enum bpf_prog_type (BTF, not probed)"
+        }
+        (false, false, FeatureSource::BtfEnums) => "not in this kernel's enum bpf_prog_type (BTF)",
+    };
+    Some(Check {
+        requirement: format!("program type {pt}"),
+        holds: observed || known,
+        fact: fact.into(),
+    })
+}
+
+/// One required map type, probed or read from BTF enums; pending when unknown.
+fn check_map_type(mt: &str, facts: &NodeFacts, pending: &mut Vec<String>) -> Option<Check> {
+    let holds = facts.map_types.contains(mt);
+    let fact = match (holds, facts.features) {
+        (_, FeatureSource::Unknown) => {
+            pending.push(format!("map type {mt} (not probed on this kernel)"));
+            return None;
+        }
+        (true, FeatureSource::Probed) => "supported (probed)",
+        (false, FeatureSource::Probed) => "not supported on this kernel (probed)",
+        (true, FeatureSource::BtfEnums) => "in this kernel's enum bpf_map_type (BTF, not probed)",
+        (false, FeatureSource::BtfEnums) => "not in this kernel's enum bpf_map_type (BTF)",
+    };
+    Some(Check {
+        requirement: format!("map type {mt}"),
+        holds,
+        fact: fact.into(),
+    })
 }
 
 /// Decides one program on one node.

@@ -7,7 +7,10 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::program::{Attach, BpfPolyProgram, BpfPolyProgramSpec, Bytecode, Requirements};
+use crate::program::{
+    Attach, BpfPolyProgram, BpfPolyProgramSpec, Bytecode, ConfigField, Dispatch, ProgramRef,
+    Requirements, Rollout, Variant,
+};
 use crate::requirement::{
     parse_enum_value, parse_field, parse_function, parse_helper, parse_map_type,
     parse_program_type, parse_type, KernelRequirement,
@@ -107,6 +110,17 @@ pub fn spec_warnings(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
 /// Validates a spec. Paths start at `spec.`.
 pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
     let mut p = Problems::default();
+    check_variants(&mut p, spec);
+    if let Some(d) = &spec.dispatch {
+        check_dispatch(&mut p, spec, d);
+    }
+    check_config(&mut p, &spec.config);
+    check_rollout(&mut p, &spec.rollout);
+    p.0
+}
+
+/// `spec.variants`: names, bytecode, programs and requirements of each variant.
+fn check_variants(p: &mut Problems, spec: &BpfPolyProgramSpec) {
     if spec.variants.is_empty() {
         p.add("spec.variants", "at least one variant is required");
     }
@@ -115,7 +129,6 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
         .iter()
         .flat_map(|d| d.slots.iter().map(|s| s.handler.as_str()))
         .collect();
-
     let mut names = BTreeMap::new();
     for (i, v) in spec.variants.iter().enumerate() {
         let path = format!("spec.variants[{i}]");
@@ -134,44 +147,12 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
                 format!("{:?} duplicates spec.variants[{first}].name", v.name),
             );
         }
-        check_bytecode(&mut p, &format!("{path}.bytecode"), &v.bytecode);
+        check_bytecode(p, &format!("{path}.bytecode"), &v.bytecode);
         if let Some(hb) = &v.handler_bytecode {
-            check_bytecode(&mut p, &format!("{path}.handlerBytecode"), hb);
+            check_bytecode(p, &format!("{path}.handlerBytecode"), hb);
         }
-        if v.programs.is_empty() {
-            p.add(
-                format!("{path}.programs"),
-                "at least one program is required",
-            );
-        }
-        let mut progs = BTreeMap::new();
-        for (j, prog) in v.programs.iter().enumerate() {
-            let ppath = format!("{path}.programs[{j}]");
-            if !is_c_ident(&prog.name) {
-                p.add(
-                    format!("{ppath}.name"),
-                    format!("{:?} is not a C function name", prog.name),
-                );
-            }
-            if let Some(first) = progs.insert(prog.name.as_str(), j) {
-                p.add(
-                    format!("{ppath}.name"),
-                    format!("{:?} duplicates {path}.programs[{first}].name", prog.name),
-                );
-            }
-            match &prog.attach {
-                Some(a) => check_attach(&mut p, &format!("{ppath}.attach"), a),
-                None if handlers.contains(prog.name.as_str()) => {}
-                None => p.add(
-                    format!("{ppath}.attach"),
-                    format!(
-                        "program {:?} has no attach and is not a dispatch handler",
-                        prog.name
-                    ),
-                ),
-            }
-        }
-        check_requirements(&mut p, &format!("{path}.requires"), &v.requires);
+        check_programs(p, &path, &v.programs, &handlers);
+        check_requirements(p, &format!("{path}.requires"), &v.requires);
         if v.dispatch_mechanism.is_some() && spec.dispatch.is_none() {
             p.add(
                 format!("{path}.dispatchMechanism"),
@@ -179,86 +160,138 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
             );
         }
     }
+}
 
-    if let Some(d) = &spec.dispatch {
-        if !is_c_ident(&d.entry) {
+/// `spec.variants[i].programs`: C names, no duplicates, an attach unless a dispatch handler.
+fn check_programs(
+    p: &mut Problems,
+    path: &str,
+    programs: &[ProgramRef],
+    handlers: &BTreeSet<&str>,
+) {
+    if programs.is_empty() {
+        p.add(
+            format!("{path}.programs"),
+            "at least one program is required",
+        );
+    }
+    let mut progs = BTreeMap::new();
+    for (j, prog) in programs.iter().enumerate() {
+        let ppath = format!("{path}.programs[{j}]");
+        if !is_c_ident(&prog.name) {
             p.add(
-                "spec.dispatch.entry",
-                format!("{:?} is not a C function name", d.entry),
+                format!("{ppath}.name"),
+                format!("{:?} is not a C function name", prog.name),
             );
         }
-        if !is_c_ident(&d.table) {
+        if let Some(first) = progs.insert(prog.name.as_str(), j) {
             p.add(
-                "spec.dispatch.table",
-                format!("{:?} is not a map name", d.table),
+                format!("{ppath}.name"),
+                format!("{:?} duplicates {path}.programs[{first}].name", prog.name),
             );
         }
-        let dispatching: Vec<_> = spec
-            .variants
+        match &prog.attach {
+            Some(a) => check_attach(p, &format!("{ppath}.attach"), a),
+            None if handlers.contains(prog.name.as_str()) => {}
+            None => p.add(
+                format!("{ppath}.attach"),
+                format!(
+                    "program {:?} has no attach and is not a dispatch handler",
+                    prog.name
+                ),
+            ),
+        }
+    }
+}
+
+/// `spec.dispatch`: the entry and table names, the entry in every dispatching variant, and
+/// the slots.
+fn check_dispatch(p: &mut Problems, spec: &BpfPolyProgramSpec, d: &Dispatch) {
+    if !is_c_ident(&d.entry) {
+        p.add(
+            "spec.dispatch.entry",
+            format!("{:?} is not a C function name", d.entry),
+        );
+    }
+    if !is_c_ident(&d.table) {
+        p.add(
+            "spec.dispatch.table",
+            format!("{:?} is not a map name", d.table),
+        );
+    }
+    let dispatching: Vec<&Variant> = spec
+        .variants
+        .iter()
+        .filter(|v| v.programs.iter().any(|pr| pr.name == d.entry))
+        .collect();
+    if dispatching.is_empty() && !spec.variants.is_empty() {
+        p.add(
+            "spec.dispatch.entry",
+            format!("{:?} is not a program of any variant", d.entry),
+        );
+    }
+    for v in &dispatching {
+        let entry_attached = v
+            .programs
             .iter()
-            .filter(|v| v.programs.iter().any(|pr| pr.name == d.entry))
-            .collect();
-        if dispatching.is_empty() && !spec.variants.is_empty() {
+            .any(|pr| pr.name == d.entry && pr.attach.is_some());
+        if !entry_attached {
             p.add(
                 "spec.dispatch.entry",
-                format!("{:?} is not a program of any variant", d.entry),
+                format!("{:?} has no attach in variant {:?}", d.entry, v.name),
             );
         }
-        for v in &dispatching {
-            let entry_attached = v
-                .programs
-                .iter()
-                .any(|pr| pr.name == d.entry && pr.attach.is_some());
-            if !entry_attached {
-                p.add(
-                    "spec.dispatch.entry",
-                    format!("{:?} has no attach in variant {:?}", d.entry, v.name),
-                );
-            }
-        }
-        if d.slots.len() > 256 {
+    }
+    check_slots(p, d, &dispatching);
+}
+
+/// `spec.dispatch.slots`: keys in range and unique, handlers that every dispatching variant has.
+fn check_slots(p: &mut Problems, d: &Dispatch, dispatching: &[&Variant]) {
+    if d.slots.len() > 256 {
+        p.add(
+            "spec.dispatch.slots",
+            format!("{} slots; at most 256", d.slots.len()),
+        );
+    }
+    let mut keys = BTreeMap::new();
+    for (i, slot) in d.slots.iter().enumerate() {
+        let spath = format!("spec.dispatch.slots[{i}]");
+        if slot.key > 255 {
             p.add(
-                "spec.dispatch.slots",
-                format!("{} slots; at most 256", d.slots.len()),
+                format!("{spath}.key"),
+                format!("{} is out of range 0..=255", slot.key),
             );
         }
-        let mut keys = BTreeMap::new();
-        for (i, slot) in d.slots.iter().enumerate() {
-            let spath = format!("spec.dispatch.slots[{i}]");
-            if slot.key > 255 {
-                p.add(
-                    format!("{spath}.key"),
-                    format!("{} is out of range 0..=255", slot.key),
-                );
-            }
-            if let Some(first) = keys.insert(slot.key, i) {
-                p.add(
-                    format!("{spath}.key"),
-                    format!("{} duplicates spec.dispatch.slots[{first}].key", slot.key),
-                );
-            }
-            if slot.handler == d.entry {
+        if let Some(first) = keys.insert(slot.key, i) {
+            p.add(
+                format!("{spath}.key"),
+                format!("{} duplicates spec.dispatch.slots[{first}].key", slot.key),
+            );
+        }
+        if slot.handler == d.entry {
+            p.add(
+                format!("{spath}.handler"),
+                format!("{:?} is the entry program itself", slot.handler),
+            );
+        }
+        for v in dispatching {
+            if !v.programs.iter().any(|pr| pr.name == slot.handler) {
                 p.add(
                     format!("{spath}.handler"),
-                    format!("{:?} is the entry program itself", slot.handler),
+                    format!(
+                        "{:?} is not a program of variant {:?}",
+                        slot.handler, v.name
+                    ),
                 );
-            }
-            for v in &dispatching {
-                if !v.programs.iter().any(|pr| pr.name == slot.handler) {
-                    p.add(
-                        format!("{spath}.handler"),
-                        format!(
-                            "{:?} is not a program of variant {:?}",
-                            slot.handler, v.name
-                        ),
-                    );
-                }
             }
         }
     }
+}
 
+/// `spec.config`: C names, no duplicates, values and fallbacks that parse as their type.
+fn check_config(p: &mut Problems, config: &[ConfigField]) {
     let mut cfg_names = BTreeMap::new();
-    for (i, c) in spec.config.iter().enumerate() {
+    for (i, c) in config.iter().enumerate() {
         let path = format!("spec.config[{i}]");
         if !is_c_ident(&c.name) {
             p.add(
@@ -281,11 +314,13 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
             }
         }
         if let Some(r) = &c.requires {
-            check_requirements(&mut p, &format!("{path}.requires"), r);
+            check_requirements(p, &format!("{path}.requires"), r);
         }
     }
+}
 
-    let r = &spec.rollout;
+/// `spec.rollout`: maxUnavailable, canary and the degraded ratio in range.
+fn check_rollout(p: &mut Problems, r: &Rollout) {
     match &r.max_unavailable {
         IntOrString::Int(n) if *n < 1 => p.add(
             "spec.rollout.maxUnavailable",
@@ -314,7 +349,6 @@ pub fn validate_spec(spec: &BpfPolyProgramSpec) -> Vec<FieldError> {
             format!("{} must be between 0 and 1", r.pause_on_degraded_ratio),
         );
     }
-    p.0
 }
 
 fn check_bytecode(p: &mut Problems, path: &str, b: &Bytecode) {

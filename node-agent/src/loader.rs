@@ -23,6 +23,8 @@ mod adopt;
 mod attach;
 mod candidate;
 mod dispatch;
+mod error;
+mod mechanism;
 mod pins;
 
 use std::{
@@ -642,7 +644,7 @@ impl Loader {
             policy: &a.fallback,
             dir,
         };
-        let mut loaded = candidate::load(&input, &mut self.kernel)?;
+        let mut loaded = mechanism::load(&input, &mut self.kernel)?;
         let mut changes = Vec::new();
         let previous = previous.map(|(dir, links)| attach::Previous { dir, links });
         match attach::attach_variant(

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use bpfpoly_crds::select::{decide, NodeFacts};
+use bpfpoly_crds::state::ProgramStatus;
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
@@ -31,21 +32,7 @@ pub async fn explain(
     let states = Api::<BpfNodeState>::all(client.clone()).list(&lp).await?;
     let index = FactsIndex::build(&profiles);
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "BpfPolyProgram {program} (generation {})",
-        p.metadata.generation.unwrap_or(0)
-    );
-    if let Some(s) = &p.status {
-        for c in &s.conditions {
-            let _ = writeln!(
-                out,
-                "  {}={} {}: {}",
-                c.type_, c.status, c.reason, c.message
-            );
-        }
-        let _ = writeln!(out, "  rollout: {}", s.rollout.message);
-    }
+    write_header(&mut out, program, &p);
     let mut names: Vec<String> = nodes
         .items
         .iter()
@@ -76,45 +63,68 @@ pub async fn explain(
             None => {
                 let _ = writeln!(out, "  agent: nothing reported yet");
             }
-            Some(r) => {
-                let _ = writeln!(
-                    out,
-                    "  agent: {:?} variant={} mechanism={} generation={} ids={:?} {}",
-                    r.phase,
-                    r.variant.as_deref().unwrap_or("-"),
-                    r.mechanism.as_deref().unwrap_or("-"),
-                    r.observed_generation,
-                    r.program_ids,
-                    r.message
-                );
-                for f in &r.fallbacks {
-                    let _ = writeln!(
-                        out,
-                        "  agent: fell back {} -> {} at {}: {}",
-                        f.from, f.to, f.stage, f.reason
-                    );
-                    if let Some(log) = &f.verifier_log {
-                        let tail: Vec<&str> = log.lines().rev().take(3).collect();
-                        for l in tail.into_iter().rev() {
-                            let _ = writeln!(out, "    verifier: {l}");
-                        }
-                    }
-                }
-                for h in &r.handlers {
-                    let _ = writeln!(
-                        out,
-                        "  agent: slot {} -> {}: {}{}",
-                        h.key,
-                        h.handler,
-                        h.state,
-                        h.reason
-                            .as_deref()
-                            .map(|r| format!(" ({r})"))
-                            .unwrap_or_default()
-                    );
-                }
-            }
+            Some(r) => write_agent_report(&mut out, r),
         }
     }
     Ok(out)
+}
+
+/// The program's generation, its conditions and its rollout line.
+fn write_header(out: &mut String, program: &str, p: &BpfPolyProgram) {
+    let _ = writeln!(
+        out,
+        "BpfPolyProgram {program} (generation {})",
+        p.metadata.generation.unwrap_or(0)
+    );
+    if let Some(s) = &p.status {
+        for c in &s.conditions {
+            let _ = writeln!(
+                out,
+                "  {}={} {}: {}",
+                c.type_, c.status, c.reason, c.message
+            );
+        }
+        let _ = writeln!(out, "  rollout: {}", s.rollout.message);
+    }
+}
+
+/// What one node's agent reported: phase, variant, fallbacks with their verifier tails, and
+/// the dispatch slots.
+fn write_agent_report(out: &mut String, r: &ProgramStatus) {
+    let _ = writeln!(
+        out,
+        "  agent: {:?} variant={} mechanism={} generation={} ids={:?} {}",
+        r.phase,
+        r.variant.as_deref().unwrap_or("-"),
+        r.mechanism.as_deref().unwrap_or("-"),
+        r.observed_generation,
+        r.program_ids,
+        r.message
+    );
+    for f in &r.fallbacks {
+        let _ = writeln!(
+            out,
+            "  agent: fell back {} -> {} at {}: {}",
+            f.from, f.to, f.stage, f.reason
+        );
+        if let Some(log) = &f.verifier_log {
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            for l in tail.into_iter().rev() {
+                let _ = writeln!(out, "    verifier: {l}");
+            }
+        }
+    }
+    for h in &r.handlers {
+        let _ = writeln!(
+            out,
+            "  agent: slot {} -> {}: {}{}",
+            h.key,
+            h.handler,
+            h.state,
+            h.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
 }

@@ -8,9 +8,7 @@ use std::{
 
 use tracing::warn;
 
-use super::{
-    attach, candidate, open_counters, pins, Adopted, Loader, Record, Running, RunningInfo,
-};
+use super::{attach, open_counters, pins, Adopted, Loader, Record, Running, RunningInfo};
 
 impl Loader {
     /// Finds the programs a previous agent pinned under the root and takes them over
@@ -116,12 +114,12 @@ fn verify_links(info: &RunningInfo) -> (bool, Option<String>) {
         }
         let path = info.pin_dir.join(&link.pin);
         let found = PinnedLink::from_pin(&path)
-            .map_err(|e| candidate::chain(&e))
+            .map_err(|e| super::error::chain(&e))
             .and_then(|p| {
                 aya::programs::links::FdLink::from(p)
                     .info()
                     .map(|i| i.program_id())
-                    .map_err(|e| candidate::chain(&e))
+                    .map_err(|e| super::error::chain(&e))
             });
         match found {
             Ok(id) if id == link.program_id => {}

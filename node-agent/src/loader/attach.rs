@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
-        tc::{qdisc_add_clsact, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
-        xdp::XdpLink,
-        BtfTracePoint, FEntry, FExit, KProbe, LinkOrder, RawTracePoint, SchedClassifier,
-        TcAttachType, TracePoint, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{
+            qdisc_add_clsact, NlOptions, SchedClassifierLink, SchedClassifierLinkId,
+            TcAttachOptions, TcError,
+        },
+        xdp::{XdpLink, XdpLinkId},
+        BtfTracePoint, FEntry, FExit, KProbe, LinkOrder, Program, ProgramError, RawTracePoint,
+        SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode,
     },
     Ebpf,
 };
@@ -23,7 +26,8 @@ use bpfpoly_crds::{
 };
 
 use super::{
-    candidate::{chain, Failure},
+    candidate::Failure,
+    error::chain,
     object::AttachKind,
     pins::{self, LinkRecord},
 };
@@ -97,8 +101,13 @@ pub(super) fn attach_variant(
     previous: Option<&Previous<'_>>,
     changes: &mut Vec<Change>,
 ) -> Result<Vec<LinkRecord>, Failure> {
-    let mut records = Vec::new();
-    let mut used = vec![false; previous.map_or(0, |p| p.links.len())];
+    let mut hooks = Hooks {
+        dir,
+        previous,
+        used: vec![false; previous.map_or(0, |p| p.links.len())],
+        changes,
+        records: Vec::new(),
+    };
     for program in &variant.programs {
         let Some(attach) = program.attach.as_ref() else {
             continue;
@@ -113,306 +122,302 @@ pub(super) fn attach_variant(
                 format!("program {name:?} is not loaded"),
             )
         })?;
-        let wrong_type = |e: aya::programs::ProgramError| attach_failure(name, kind.field(), &e);
+        hooks.attach(prog, kind, name, attach)?;
+    }
+    Ok(hooks.records)
+}
+
+/// One variant's attachments in progress: where links are pinned, the previous version's
+/// links (each switched at most once), the changes made to them, and the new records.
+struct Hooks<'a, 'p> {
+    dir: &'a Path,
+    previous: Option<&'a Previous<'p>>,
+    used: Vec<bool>,
+    changes: &'a mut Vec<Change>,
+    records: Vec<LinkRecord>,
+}
+
+/// `attach` then `take_link` of one program, the errors naming the program and the hook.
+macro_rules! attach_and_take {
+    ($prog:expr, $name:expr, $what:expr, $attach:expr) => {{
+        let id = $attach.map_err(|e| attach_failure($name, $what, &e))?;
+        $prog
+            .take_link(id)
+            .map_err(|e| attach_failure($name, $what, &e))?
+    }};
+}
+
+impl<'p> Hooks<'_, 'p> {
+    fn attach(
+        &mut self,
+        prog: &mut Program,
+        kind: AttachKind,
+        name: &str,
+        attach: &Attach,
+    ) -> Result<(), Failure> {
+        let wrong_type = |e: ProgramError| attach_failure(name, kind.field(), &e);
         match kind {
-            AttachKind::Xdp => {
-                let xdp: &mut Xdp = prog.try_into().map_err(wrong_type)?;
-                attach_xdp(
-                    xdp,
-                    name,
-                    attach,
-                    dir,
-                    previous,
-                    &mut used,
-                    changes,
-                    &mut records,
-                )?;
-            }
-            AttachKind::Tc => {
-                let tc: &mut SchedClassifier = prog.try_into().map_err(wrong_type)?;
-                attach_tc(
-                    tc,
-                    name,
-                    attach,
-                    dir,
-                    previous,
-                    &mut used,
-                    changes,
-                    &mut records,
-                )?;
-            }
+            AttachKind::Xdp => self.xdp(prog.try_into().map_err(wrong_type)?, name, attach),
+            AttachKind::Tc => self.tc(prog.try_into().map_err(wrong_type)?, name, attach),
             AttachKind::TracePoint => {
                 let tp: &mut TracePoint = prog.try_into().map_err(wrong_type)?;
-                let Some(target) = attach.tracepoint.as_ref() else {
-                    continue;
+                let Some(t) = attach.tracepoint.as_ref() else {
+                    return Ok(());
                 };
-                let what = format!("to tracepoint {}/{}", target.category, target.name);
-                let id = tp
-                    .attach(&target.category, &target.name)
-                    .map_err(|e| attach_failure(name, &what, &e))?;
-                let link = tp
-                    .take_link(id)
-                    .map_err(|e| attach_failure(name, &what, &e))?;
+                let what = format!("to tracepoint {}/{}", t.category, t.name);
+                let link = attach_and_take!(tp, name, &what, tp.attach(&t.category, &t.name));
                 let link = FdLink::try_from(link).map_err(|e| attach_failure(name, &what, &e))?;
-                let target = format!("{}/{}", target.category, target.name);
-                records.push(
-                    pins::pin_link(link, dir, name, "tracepoint", &target, None)
-                        .map_err(pin_failure)?,
-                );
+                let target = format!("{}/{}", t.category, t.name);
+                self.pin(link, name, "tracepoint", &target, None)
             }
             AttachKind::TpBtf => {
                 let tp: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
-                let target = attach
-                    .tp_btf
-                    .as_ref()
-                    .map(|t| t.name.as_str())
-                    .unwrap_or_default();
+                let target = attach.tp_btf.as_ref().map_or("", |t| t.name.as_str());
                 let what = format!("to tp_btf/{target}");
-                let id = tp.attach().map_err(|e| attach_failure(name, &what, &e))?;
-                let link: FdLink = tp
-                    .take_link(id)
-                    .map_err(|e| attach_failure(name, &what, &e))?
-                    .into();
-                records.push(
-                    pins::pin_link(link, dir, name, "tpBtf", target, None).map_err(pin_failure)?,
-                );
+                let link = attach_and_take!(tp, name, &what, tp.attach());
+                self.pin(link.into(), name, "tpBtf", target, None)
             }
             AttachKind::RawTracePoint => {
                 let tp: &mut RawTracePoint = prog.try_into().map_err(wrong_type)?;
                 let target = attach
                     .raw_tracepoint
                     .as_ref()
-                    .map(|t| t.name.as_str())
-                    .unwrap_or_default();
+                    .map_or("", |t| t.name.as_str());
                 let what = format!("to raw_tp/{target}");
-                let id = tp
-                    .attach(target)
-                    .map_err(|e| attach_failure(name, &what, &e))?;
-                let link: FdLink = tp
-                    .take_link(id)
-                    .map_err(|e| attach_failure(name, &what, &e))?
-                    .into();
-                records.push(
-                    pins::pin_link(link, dir, name, "rawTracepoint", target, None)
-                        .map_err(pin_failure)?,
-                );
+                let link = attach_and_take!(tp, name, &what, tp.attach(target));
+                self.pin(link.into(), name, "rawTracepoint", target, None)
             }
-            AttachKind::KProbe => {
-                let kp: &mut KProbe = prog.try_into().map_err(wrong_type)?;
-                let Some(target) = attach.kprobe.as_ref() else {
-                    continue;
-                };
-                let what = format!("as kprobe to {}+{}", target.function, target.offset);
-                let id = kp.attach(&target.function, target.offset).map_err(|e| {
-                    let mut f = attach_failure(name, &what, &e);
-                    if !Path::new(KPROBE_PMU).exists() {
-                        f.reason
-                            .push_str(" (this kernel has no kprobes: CONFIG_KPROBES is off)");
-                    }
-                    f
-                })?;
-                let link = kp
-                    .take_link(id)
-                    .map_err(|e| attach_failure(name, &what, &e))?;
-                let link = FdLink::try_from(link).map_err(|e| attach_failure(name, &what, &e))?;
-                records.push(
-                    pins::pin_link(link, dir, name, "kprobe", &target.function, None)
-                        .map_err(pin_failure)?,
-                );
-            }
+            AttachKind::KProbe => self.kprobe(prog.try_into().map_err(wrong_type)?, name, attach),
             AttachKind::FEntry => {
                 let p: &mut FEntry = prog.try_into().map_err(wrong_type)?;
-                let target = attach
-                    .fentry
-                    .as_ref()
-                    .map(|t| t.function.as_str())
-                    .unwrap_or_default();
+                let target = attach.fentry.as_ref().map_or("", |t| t.function.as_str());
                 let what = format!("as fentry to {target}");
-                let id = p.attach().map_err(|e| attach_failure(name, &what, &e))?;
-                let link: FdLink = p
-                    .take_link(id)
-                    .map_err(|e| attach_failure(name, &what, &e))?
-                    .into();
-                records.push(
-                    pins::pin_link(link, dir, name, "fentry", target, None).map_err(pin_failure)?,
-                );
+                let link = attach_and_take!(p, name, &what, p.attach());
+                self.pin(link.into(), name, "fentry", target, None)
             }
             AttachKind::FExit => {
                 let p: &mut FExit = prog.try_into().map_err(wrong_type)?;
-                let target = attach
-                    .fexit
-                    .as_ref()
-                    .map(|t| t.function.as_str())
-                    .unwrap_or_default();
+                let target = attach.fexit.as_ref().map_or("", |t| t.function.as_str());
                 let what = format!("as fexit to {target}");
-                let id = p.attach().map_err(|e| attach_failure(name, &what, &e))?;
-                let link: FdLink = p
-                    .take_link(id)
-                    .map_err(|e| attach_failure(name, &what, &e))?
-                    .into();
-                records.push(
-                    pins::pin_link(link, dir, name, "fexit", target, None).map_err(pin_failure)?,
-                );
+                let link = attach_and_take!(p, name, &what, p.attach());
+                self.pin(link.into(), name, "fexit", target, None)
             }
         }
     }
-    Ok(records)
-}
 
-#[allow(clippy::too_many_arguments)]
-fn attach_xdp(
-    xdp: &mut Xdp,
-    name: &str,
-    attach: &Attach,
-    dir: &Path,
-    previous: Option<&Previous<'_>>,
-    used: &mut [bool],
-    changes: &mut Vec<Change>,
-    records: &mut Vec<LinkRecord>,
-) -> Result<(), Failure> {
-    let Some(target) = attach.xdp.as_ref() else {
-        return Ok(());
-    };
-    let (mode, mode_name) = xdp_mode(target.mode);
-    for iface in &target.interfaces {
-        if !interface_exists(iface) {
-            return Err(missing_interface(name, "xdp", iface));
-        }
-        let what = format!("as xdp ({mode_name}) to {iface}");
-        let fail = |e: &dyn std::error::Error| attach_failure(name, &what, e);
-        // One XDP program per interface: the running version's link there, if any.
-        let old = previous.and_then(|p| {
-            p.links
-                .iter()
-                .enumerate()
-                .find(|(i, l)| !used[*i] && l.kind == "xdp" && l.target == *iface)
-                .map(|(i, l)| (i, l, p.dir))
-        });
-        let id = match old {
-            Some((i, old, old_dir)) if old.mode.as_deref() == Some(mode_name) => {
-                used[i] = true;
-                let link_pin = old_dir.join(&old.pin);
-                let pinned = PinnedLink::from_pin(&link_pin).map_err(|e| fail(&e))?;
-                let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| fail(&e))?;
-                let id = xdp.attach_to_link(link).map_err(|e| fail(&e))?;
-                changes.push(Change::Replaced {
-                    xdp: true,
-                    link_pin,
-                    prog_pin: old_dir.join(pins::program_pin(&old.program)),
-                });
-                id
-            }
-            Some((i, old, old_dir)) => {
-                // Native and generic XDP cannot be active together: break, then make.
-                used[i] = true;
-                let link_pin = old_dir.join(&old.pin);
-                std::fs::remove_file(&link_pin).map_err(|e| fail(&e))?;
-                changes.push(Change::Detached {
-                    interface: iface.clone(),
-                    mode: if old.mode.as_deref() == Some("driver") {
-                        XdpMode::Driver
-                    } else {
-                        XdpMode::Skb
-                    },
-                    link_pin,
-                    prog_pin: old_dir.join(pins::program_pin(&old.program)),
-                });
-                xdp.attach(iface, mode).map_err(|e| fail(&e))?
-            }
-            None => xdp.attach(iface, mode).map_err(|e| fail(&e))?,
+    /// Pins a new link in the attempt's directory and records it.
+    fn pin(
+        &mut self,
+        link: FdLink,
+        name: &str,
+        kind: &str,
+        target: &str,
+        mode: Option<&str>,
+    ) -> Result<(), Failure> {
+        let record =
+            pins::pin_link(link, self.dir, name, kind, target, mode).map_err(pin_failure)?;
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// The previous version's first unused link that `matches`, marked used.
+    fn take_previous(
+        &mut self,
+        matches: impl Fn(&LinkRecord) -> bool,
+    ) -> Option<(LinkRecord, &'p Path)> {
+        let p = self.previous?;
+        let (i, l) = p
+            .links
+            .iter()
+            .enumerate()
+            .find(|(i, l)| !self.used[*i] && matches(l))?;
+        self.used[i] = true;
+        Some((l.clone(), p.dir))
+    }
+
+    fn kprobe(&mut self, kp: &mut KProbe, name: &str, attach: &Attach) -> Result<(), Failure> {
+        let Some(target) = attach.kprobe.as_ref() else {
+            return Ok(());
         };
-        let link = xdp.take_link(id).map_err(|e| fail(&e))?;
-        let link = FdLink::try_from(link).map_err(|e| {
-            attach_failure(name, &format!("{what} (no bpf_link, cannot be pinned)"), &e)
+        let what = format!("as kprobe to {}+{}", target.function, target.offset);
+        let id = kp.attach(&target.function, target.offset).map_err(|e| {
+            let mut f = attach_failure(name, &what, &e);
+            if !Path::new(KPROBE_PMU).exists() {
+                f.reason
+                    .push_str(" (this kernel has no kprobes: CONFIG_KPROBES is off)");
+            }
+            f
         })?;
-        records.push(
-            pins::pin_link(link, dir, name, "xdp", iface, Some(mode_name)).map_err(pin_failure)?,
-        );
+        let link = kp
+            .take_link(id)
+            .map_err(|e| attach_failure(name, &what, &e))?;
+        let link = FdLink::try_from(link).map_err(|e| attach_failure(name, &what, &e))?;
+        self.pin(link, name, "kprobe", &target.function, None)
     }
-    Ok(())
+
+    fn xdp(&mut self, xdp: &mut Xdp, name: &str, attach: &Attach) -> Result<(), Failure> {
+        let Some(target) = attach.xdp.as_ref() else {
+            return Ok(());
+        };
+        let (mode, mode_name) = xdp_mode(target.mode);
+        for iface in &target.interfaces {
+            if !interface_exists(iface) {
+                return Err(missing_interface(name, "xdp", iface));
+            }
+            let what = format!("as xdp ({mode_name}) to {iface}");
+            let fail = |e: &dyn std::error::Error| attach_failure(name, &what, e);
+            // One XDP program per interface: the running version's link there, if any.
+            let id = match self.take_previous(|l| l.kind == "xdp" && l.target == *iface) {
+                Some((old, old_dir)) if old.mode.as_deref() == Some(mode_name) => {
+                    let (id, change) = switch_link(xdp, &old, old_dir).map_err(|e| fail(&*e))?;
+                    self.changes.push(change);
+                    id
+                }
+                Some((old, old_dir)) => {
+                    // Native and generic XDP cannot be active together: break, then make.
+                    let link_pin = old_dir.join(&old.pin);
+                    std::fs::remove_file(&link_pin).map_err(|e| fail(&e))?;
+                    self.changes.push(Change::Detached {
+                        interface: iface.clone(),
+                        mode: if old.mode.as_deref() == Some("driver") {
+                            XdpMode::Driver
+                        } else {
+                            XdpMode::Skb
+                        },
+                        link_pin,
+                        prog_pin: old_dir.join(pins::program_pin(&old.program)),
+                    });
+                    xdp.attach(iface, mode).map_err(|e| fail(&e))?
+                }
+                None => xdp.attach(iface, mode).map_err(|e| fail(&e))?,
+            };
+            let link = xdp.take_link(id).map_err(|e| fail(&e))?;
+            let link = FdLink::try_from(link).map_err(|e| {
+                attach_failure(name, &format!("{what} (no bpf_link, cannot be pinned)"), &e)
+            })?;
+            self.pin(link, name, "xdp", iface, Some(mode_name))?;
+        }
+        Ok(())
+    }
+
+    fn tc(&mut self, tc: &mut SchedClassifier, name: &str, attach: &Attach) -> Result<(), Failure> {
+        let Some(target) = attach.tc.as_ref() else {
+            return Ok(());
+        };
+        let (attach_type, direction) = match target.direction {
+            TcDirection::Ingress => (TcAttachType::Ingress, "ingress"),
+            TcDirection::Egress => (TcAttachType::Egress, "egress"),
+        };
+        for iface in &target.interfaces {
+            if !interface_exists(iface) {
+                return Err(missing_interface(name, "tc", iface));
+            }
+            let what = format!("as tcx {direction} to {iface}");
+            let fail = |e: &dyn std::error::Error| attach_failure(name, &what, e);
+            let old = self.take_previous(|l| {
+                l.kind == "tc"
+                    && l.netlink.is_none()
+                    && l.target == *iface
+                    && l.mode.as_deref() == Some(direction)
+                    && l.program == name
+            });
+            let id = match old {
+                Some((old, old_dir)) => {
+                    let (id, change) = switch_link(tc, &old, old_dir).map_err(|e| fail(&*e))?;
+                    self.changes.push(change);
+                    id
+                }
+                None => match tc.attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                ) {
+                    Ok(id) => id,
+                    // No TCX before 6.6 (BPF_LINK_CREATE answers EINVAL there): a cls_bpf
+                    // filter on the clsact qdisc instead, made next to any older one.
+                    Err(tcx) => {
+                        let record =
+                            attach_tc_netlink(tc, name, iface, attach_type, direction, &tcx)?;
+                        self.records.push(record);
+                        continue;
+                    }
+                },
+            };
+            let link = tc.take_link(id).map_err(|e| fail(&e))?;
+            let link = FdLink::try_from(link).map_err(|e| fail(&e))?;
+            self.pin(link, name, "tc", iface, Some(direction))?;
+        }
+        Ok(())
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attach_tc(
-    tc: &mut SchedClassifier,
-    name: &str,
-    attach: &Attach,
-    dir: &Path,
-    previous: Option<&Previous<'_>>,
-    used: &mut [bool],
-    changes: &mut Vec<Change>,
-    records: &mut Vec<LinkRecord>,
-) -> Result<(), Failure> {
-    let Some(target) = attach.tc.as_ref() else {
-        return Ok(());
-    };
-    let (attach_type, direction) = match target.direction {
-        TcDirection::Ingress => (TcAttachType::Ingress, "ingress"),
-        TcDirection::Egress => (TcAttachType::Egress, "egress"),
-    };
-    for iface in &target.interfaces {
-        if !interface_exists(iface) {
-            return Err(missing_interface(name, "tc", iface));
-        }
-        let what = format!("as tcx {direction} to {iface}");
-        let fail = |e: &dyn std::error::Error| attach_failure(name, &what, e);
-        let old = previous.and_then(|p| {
-            p.links
-                .iter()
-                .enumerate()
-                .find(|(i, l)| {
-                    !used[*i]
-                        && l.kind == "tc"
-                        && l.netlink.is_none()
-                        && l.target == *iface
-                        && l.mode.as_deref() == Some(direction)
-                        && l.program == name
-                })
-                .map(|(i, l)| (i, l, p.dir))
-        });
-        let id = match old {
-            Some((i, old, old_dir)) => {
-                used[i] = true;
-                let link_pin = old_dir.join(&old.pin);
-                let pinned = PinnedLink::from_pin(&link_pin).map_err(|e| fail(&e))?;
-                let link =
-                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| fail(&e))?;
-                let id = tc.attach_to_link(link).map_err(|e| fail(&e))?;
-                changes.push(Change::Replaced {
-                    xdp: false,
-                    link_pin,
-                    prog_pin: old_dir.join(pins::program_pin(&old.program)),
-                });
-                id
-            }
-            None => match tc.attach_with_options(
-                iface,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            ) {
-                Ok(id) => id,
-                // No TCX before 6.6 (BPF_LINK_CREATE answers EINVAL there): a cls_bpf
-                // filter on the clsact qdisc instead, made next to any older one.
-                Err(tcx) => {
-                    records.push(attach_tc_netlink(
-                        tc,
-                        name,
-                        iface,
-                        attach_type,
-                        direction,
-                        &tcx,
-                    )?);
-                    continue;
-                }
-            },
-        };
-        let link = tc.take_link(id).map_err(|e| fail(&e))?;
-        let link = FdLink::try_from(link).map_err(|e| fail(&e))?;
-        records.push(
-            pins::pin_link(link, dir, name, "tc", iface, Some(direction)).map_err(pin_failure)?,
-        );
+/// The hooks whose links switch programs in place (BPF_LINK_UPDATE), XDP and TCX. They
+/// differ only in these types and in how a pinned program is opened again.
+trait SwitchableHook: Sized {
+    type Link: TryFrom<FdLink, Error = LinkError>;
+    type Id;
+    /// Whether `Change::Replaced` records this hook as XDP.
+    const XDP: bool;
+    fn open_pinned(prog_pin: &Path) -> Result<Self, ProgramError>;
+    fn switch(&mut self, link: Self::Link) -> Result<Self::Id, ProgramError>;
+    /// Lets go of the link handle; the link stays attached and pinned.
+    fn release(&mut self, id: Self::Id);
+}
+
+impl SwitchableHook for Xdp {
+    type Link = XdpLink;
+    type Id = XdpLinkId;
+    const XDP: bool = true;
+    fn open_pinned(prog_pin: &Path) -> Result<Self, ProgramError> {
+        Xdp::from_pin(prog_pin, XdpAttachType::Interface)
     }
-    Ok(())
+    fn switch(&mut self, link: XdpLink) -> Result<XdpLinkId, ProgramError> {
+        self.attach_to_link(link)
+    }
+    fn release(&mut self, id: XdpLinkId) {
+        let _ = self.take_link(id).map(FdLink::try_from);
+    }
+}
+
+impl SwitchableHook for SchedClassifier {
+    type Link = SchedClassifierLink;
+    type Id = SchedClassifierLinkId;
+    const XDP: bool = false;
+    fn open_pinned(prog_pin: &Path) -> Result<Self, ProgramError> {
+        SchedClassifier::from_pin(prog_pin)
+    }
+    fn switch(&mut self, link: SchedClassifierLink) -> Result<SchedClassifierLinkId, ProgramError> {
+        self.attach_to_link(link)
+    }
+    fn release(&mut self, id: SchedClassifierLinkId) {
+        let _ = self.take_link(id).map(FdLink::try_from);
+    }
+}
+
+/// Switches the link pinned at `link_pin` to `program`, atomically.
+fn switch_pinned<H: SwitchableHook>(
+    program: &mut H,
+    link_pin: &Path,
+) -> Result<H::Id, Box<dyn std::error::Error>> {
+    let pinned = PinnedLink::from_pin(link_pin)?;
+    let link = H::Link::try_from(FdLink::from(pinned))?;
+    Ok(program.switch(link)?)
+}
+
+/// Switches the previous version's link `old` to `program`; the change says how to undo it.
+fn switch_link<H: SwitchableHook>(
+    program: &mut H,
+    old: &LinkRecord,
+    old_dir: &Path,
+) -> Result<(H::Id, Change), Box<dyn std::error::Error>> {
+    let link_pin = old_dir.join(&old.pin);
+    let id = switch_pinned(program, &link_pin)?;
+    let change = Change::Replaced {
+        xdp: H::XDP,
+        link_pin,
+        prog_pin: old_dir.join(pins::program_pin(&old.program)),
+    };
+    Ok((id, change))
 }
 
 /// Legacy tc: the clsact qdisc (made if missing) and a direct-action cls_bpf filter.
@@ -475,43 +480,23 @@ pub(super) fn revert(changes: Vec<Change>) -> Vec<String> {
 fn revert_one(change: &Change) -> Result<(), String> {
     match change {
         Change::Replaced {
-            xdp: true,
+            xdp,
             link_pin,
             prog_pin,
         } => {
-            let err = |e: &dyn std::error::Error| {
-                format!(
-                    "restoring the XDP link {}: {}",
-                    link_pin.display(),
-                    chain(e)
-                )
+            let restored = if *xdp {
+                restore::<Xdp>(prog_pin, link_pin)
+            } else {
+                restore::<SchedClassifier>(prog_pin, link_pin)
             };
-            let mut old = Xdp::from_pin(prog_pin, XdpAttachType::Interface).map_err(|e| err(&e))?;
-            let link = PinnedLink::from_pin(link_pin).map_err(|e| err(&e))?;
-            let link = XdpLink::try_from(FdLink::from(link)).map_err(|e| err(&e))?;
-            let id = old.attach_to_link(link).map_err(|e| err(&e))?;
-            // Still pinned at link_pin; dropping our handle keeps it attached.
-            let _ = old.take_link(id).map(FdLink::try_from);
-            Ok(())
-        }
-        Change::Replaced {
-            xdp: false,
-            link_pin,
-            prog_pin,
-        } => {
-            let err = |e: &dyn std::error::Error| {
+            restored.map_err(|e| {
                 format!(
-                    "restoring the TCX link {}: {}",
+                    "restoring the {} link {}: {}",
+                    if *xdp { "XDP" } else { "TCX" },
                     link_pin.display(),
-                    chain(e)
+                    chain(&*e)
                 )
-            };
-            let mut old = SchedClassifier::from_pin(prog_pin).map_err(|e| err(&e))?;
-            let link = PinnedLink::from_pin(link_pin).map_err(|e| err(&e))?;
-            let link = SchedClassifierLink::try_from(FdLink::from(link)).map_err(|e| err(&e))?;
-            let id = old.attach_to_link(link).map_err(|e| err(&e))?;
-            let _ = old.take_link(id).map(FdLink::try_from);
-            Ok(())
+            })
         }
         Change::Detached {
             interface,
@@ -533,4 +518,16 @@ fn revert_one(change: &Change) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Switches the link at `link_pin` back to the previous program pinned at `prog_pin`.
+fn restore<H: SwitchableHook>(
+    prog_pin: &Path,
+    link_pin: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut old = H::open_pinned(prog_pin)?;
+    let id = switch_pinned(&mut old, link_pin)?;
+    // Still pinned at link_pin; dropping our handle keeps it attached.
+    old.release(id);
+    Ok(())
 }

@@ -1,12 +1,12 @@
-//! Loading one candidate variant into the kernel: the object with its config and
-//! dispatch globals, the programs that attach, and the dispatch handlers by the
-//! chosen mechanism (tail calls, static, freplace), each handler's fate recorded.
-//! Everything loaded is pinned into the attempt's directory as it goes, so the
-//! caller can throw the whole attempt away by removing that directory.
+//! The primitives of loading one candidate variant into the kernel: the object with its
+//! config and dispatch globals, the programs that attach, and the failures with their
+//! stage and verifier log. `mechanism` puts them together by dispatch mechanism, and
+//! `dispatch` loads the handlers. Everything loaded is pinned into the attempt's
+//! directory as it goes, so the caller can throw the whole attempt away by removing
+//! that directory.
 
 use std::{
     collections::BTreeMap,
-    error::Error as StdError,
     path::{Path, PathBuf},
     sync::mpsc::{sync_channel, Receiver},
 };
@@ -23,11 +23,8 @@ use bpfpoly_crds::{
 use crate::kconfig::{self, KernelFacts};
 
 use super::{
-    dispatch,
-    object::{
-        self, Mechanism, ObjectInfo, DISPATCH_COUNTERS_MAP, DISPATCH_MODE_GLOBAL,
-        HANDLER_MASK_GLOBAL,
-    },
+    error::chain,
+    object::{self, Mechanism, ObjectInfo, DISPATCH_MODE_GLOBAL, HANDLER_MASK_GLOBAL},
     pins,
 };
 
@@ -193,21 +190,6 @@ impl LoadError {
     }
 }
 
-/// An error and its sources, joined.
-pub(super) fn chain(e: &dyn StdError) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 /// The last `VERIFIER_LOG_TAIL` bytes of a log (on a char boundary), if any.
 pub(super) fn log_tail(log: &str) -> Option<String> {
     let log = log.trim();
@@ -268,89 +250,6 @@ pub(super) struct Loaded {
     pub dispatch_keys: Vec<u32>,
     /// freplace links pinned in the directory.
     pub extension_links: Vec<pins::LinkRecord>,
-}
-
-/// Loads the candidate by its mechanism; `Err` means the variant is rejected.
-pub(super) fn load(input: &Input<'_>, kernel: &mut Kernel) -> Result<Loaded, Failure> {
-    let Some((dispatch, mechanism)) = input.dispatch else {
-        let mut loaded = load_attached(input, None, None, &[], kernel)?;
-        pin_common(&mut loaded, input.dir)?;
-        return Ok(loaded);
-    };
-    let mut loaded = match mechanism {
-        Mechanism::TailCall => dispatch::load_tail_call(input, dispatch, kernel)?,
-        Mechanism::Static => dispatch::load_static(input, dispatch, kernel)?,
-        Mechanism::Freplace => match dispatch::load_freplace(input, dispatch, kernel) {
-            Ok(loaded) => loaded,
-            Err(dispatch::Freplace::Variant(f)) => return Err(f),
-            Err(dispatch::Freplace::Mechanism(f)) if !input.auto => return Err(f),
-            Err(dispatch::Freplace::Mechanism(f)) => {
-                pins::empty_dir(input.dir).map_err(|e| Failure::new(FallbackStage::Attach, e))?;
-                let instead = if input.info.maps.contains_key(&dispatch.table)
-                    || !input.info.globals.contains_key(HANDLER_MASK_GLOBAL)
-                {
-                    Mechanism::TailCall
-                } else {
-                    Mechanism::Static
-                };
-                let mut loaded = match instead {
-                    Mechanism::Static => dispatch::load_static(input, dispatch, kernel)?,
-                    _ => dispatch::load_tail_call(input, dispatch, kernel)?,
-                };
-                let v = &input.variant.name;
-                loaded.fallbacks.insert(
-                    0,
-                    FallbackRecord {
-                        from: format!("{v}/freplace"),
-                        to: format!("{v}/{}", instead.as_str()),
-                        stage: f.stage,
-                        reason: f.reason,
-                        verifier_log: f.verifier_log,
-                    },
-                );
-                loaded
-            }
-        },
-    };
-    loaded.dispatch_keys = dispatch.slots.iter().map(|s| s.key).collect();
-    pin_common(&mut loaded, input.dir)?;
-    Ok(loaded)
-}
-
-/// Pins every loaded program and the dispatch counters.
-fn pin_common(loaded: &mut Loaded, dir: &Path) -> Result<(), Failure> {
-    let pin_err = |what: &str, e: &dyn StdError| {
-        Failure::new(
-            FallbackStage::Attach,
-            format!("pinning {what}: {}", chain(e)),
-        )
-    };
-    let names: Vec<String> = loaded.program_ids.keys().cloned().collect();
-    for name in names {
-        if let Some(program) = loaded.ebpf.program_mut(&name) {
-            if program.fd().is_ok() {
-                program
-                    .pin(dir.join(pins::program_pin(&name)))
-                    .map_err(|e| pin_err(&format!("program {name:?}"), &e))?;
-            }
-        }
-    }
-    // The object's other maps are pinned too, for readers (stats, event buffers);
-    // maps shared with a freplace handler object are pinned already.
-    for (name, map) in loaded.ebpf.maps() {
-        let path = if name == DISPATCH_COUNTERS_MAP {
-            dir.join(pins::DISPATCH_PIN)
-        } else if name.starts_with('.') {
-            continue;
-        } else {
-            dir.join(pins::shared_map_pin(name))
-        };
-        if !path.exists() {
-            map.pin(&path)
-                .map_err(|e| pin_err(&format!("map {name:?}"), &e))?;
-        }
-    }
-    Ok(())
 }
 
 /// Values of `bpfpoly_dispatch_mode` and `bpfpoly_handler_mask` to write.

@@ -17,9 +17,10 @@ use bpfpoly_crds::{
 
 use super::{
     candidate::{
-        chain, load_attached, load_program, open_object, DispatchGlobals, Failure, Input, Kernel,
+        load_attached, load_program, open_object, DispatchGlobals, Failure, Input, Kernel,
         LoadError, Loaded, EACCES,
     },
+    error::chain,
     object::{self, Mechanism, ProgramKind},
     pins,
 };

@@ -36,7 +36,7 @@ use aya_obj::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::candidate::chain;
+use super::error::chain;
 
 /// The record of a loaded assignment.
 pub(super) const META_PIN: &str = "meta";

@@ -13,7 +13,8 @@ use serde::Serialize;
 use crate::kconfig::KernelFacts;
 
 use super::{
-    candidate::{self, chain, log_tail, DispatchGlobals, Kernel, LoadError},
+    candidate::{self, log_tail, DispatchGlobals, Kernel, LoadError},
+    error::chain,
     object::{self, ObjectInfo, Scalar},
 };
 
