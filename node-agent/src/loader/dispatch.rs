@@ -8,10 +8,11 @@ use std::{collections::BTreeMap, error::Error as StdError, path::PathBuf};
 
 use aya::{
     maps::ProgramArray,
-    programs::{links::FdLink, Extension},
+    programs::{links::FdLink, Extension, ProgramFd},
+    Ebpf,
 };
 use bpfpoly_crds::{
-    program::{Attach, Dispatch, OnHandlerReject, Variant},
+    program::{Attach, Dispatch, DispatchSlot, OnHandlerReject, Variant},
     state::{FallbackRecord, FallbackStage, HandlerState},
 };
 
@@ -21,7 +22,7 @@ use super::{
         LoadError, Loaded, EACCES,
     },
     error::chain,
-    object::{self, Mechanism, ProgramKind},
+    object::{self, Mechanism, ObjectInfo, ProgramKind},
     pins,
 };
 
@@ -187,116 +188,14 @@ pub(super) fn load_static(
     dispatch: &Dispatch,
     kernel: &mut Kernel,
 ) -> Result<Loaded, Failure> {
-    let mode = Some(Mechanism::Static.mode());
     let mut handlers = Vec::new();
     let mut fallbacks = Vec::new();
-    // key -> handler, for the keys static dispatch can serve.
-    let mut wanted: BTreeMap<u32, String> = BTreeMap::new();
-    for slot in &dispatch.slots {
-        if !in_variant(input.variant, &slot.handler) {
-            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
-            handler_rejected(
-                input,
-                slot.key,
-                &slot.handler,
-                f,
-                &mut handlers,
-                &mut fallbacks,
-            )?;
-        } else if slot.key > STATIC_MAX_KEY {
-            let f = Failure::new(
-                FallbackStage::Handler,
-                format!("static dispatch serves keys 0..={STATIC_MAX_KEY} only"),
-            );
-            handler_rejected(
-                input,
-                slot.key,
-                &slot.handler,
-                f,
-                &mut handlers,
-                &mut fallbacks,
-            )?;
-        } else {
-            wanted.insert(slot.key, slot.handler.clone());
-        }
-    }
-    let bits = |keys: &mut dyn Iterator<Item = &u32>| keys.fold(0u64, |m, k| m | (1u64 << k));
-    let full = bits(&mut wanted.keys());
-
+    let wanted = static_slots(input, dispatch, &mut handlers, &mut fallbacks)?;
+    let full = mask_of(wanted.keys());
     let mut rejected: BTreeMap<u32, Failure> = BTreeMap::new();
-    let loaded = match load_attached(input, mode, Some(full), &[], kernel) {
+    let loaded = match load_attached(input, STATIC_MODE, Some(full), &[], kernel) {
         Ok(loaded) => loaded,
-        Err(first) => {
-            // Which handlers? Verify the handler programs alone where the object has them.
-            let entry_kind = input.info.programs.get(&dispatch.entry).copied();
-            let mut probe = open_object(
-                kernel,
-                (input.object, input.info),
-                input.config,
-                DispatchGlobals {
-                    mode,
-                    mask: Some(full),
-                },
-                &[],
-                &[],
-            )?;
-            let attach = entry_attach(input.variant, dispatch);
-            for (&key, handler) in &wanted {
-                if input.info.programs.get(handler).copied() != entry_kind
-                    || entry_kind == Some(ProgramKind::Other)
-                {
-                    continue;
-                }
-                if let Err(e) = load_program(&mut probe, handler, attach, kernel) {
-                    rejected.insert(
-                        key,
-                        e.failure(FallbackStage::Handler, &format!("handler {handler:?}")),
-                    );
-                }
-            }
-            drop(probe);
-            let mask = full & !bits(&mut rejected.keys());
-            let retry = if rejected.is_empty() {
-                Err(first.clone())
-            } else {
-                load_attached(input, mode, Some(mask), &[], kernel)
-            };
-            match retry {
-                Ok(loaded) => loaded,
-                Err(_) => {
-                    // Incremental: the entry alone, then one handler at a time.
-                    rejected.clear();
-                    let mut best =
-                        load_attached(input, mode, Some(0), &[], kernel).map_err(|f| Failure {
-                            reason: format!("{} (with every handler masked off)", f.reason),
-                            ..f
-                        })?;
-                    let mut accepted = 0u64;
-                    for (&key, handler) in &wanted {
-                        match load_attached(input, mode, Some(accepted | (1 << key)), &[], kernel) {
-                            Ok(l) => {
-                                accepted |= 1 << key;
-                                best = l;
-                            }
-                            Err(f) => {
-                                rejected.insert(
-                                    key,
-                                    Failure {
-                                        stage: FallbackStage::Handler,
-                                        reason: format!(
-                                            "the entry with handler {handler:?} inlined: {}",
-                                            f.reason
-                                        ),
-                                        verifier_log: f.verifier_log,
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    best
-                }
-            }
-        }
+        Err(first) => load_static_degraded(input, dispatch, kernel, &wanted, first, &mut rejected)?,
     };
     for (&key, handler) in &wanted {
         match rejected.remove(&key) {
@@ -311,6 +210,140 @@ pub(super) fn load_static(
         fallbacks,
         ..loaded
     })
+}
+
+const STATIC_MODE: Option<u32> = Some(Mechanism::Static.mode());
+
+/// The mask bits of `keys`.
+fn mask_of<'k>(keys: impl Iterator<Item = &'k u32>) -> u64 {
+    keys.fold(0u64, |m, k| m | (1u64 << k))
+}
+
+/// The slots static dispatch can serve, key -> handler; the others are rejected here
+/// (not in the variant, or a key above `STATIC_MAX_KEY`).
+fn static_slots(
+    input: &Input<'_>,
+    dispatch: &Dispatch,
+    handlers: &mut Vec<HandlerState>,
+    fallbacks: &mut Vec<FallbackRecord>,
+) -> Result<BTreeMap<u32, String>, Failure> {
+    let mut wanted = BTreeMap::new();
+    for slot in &dispatch.slots {
+        if !in_variant(input.variant, &slot.handler) {
+            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
+            handler_rejected(input, slot.key, &slot.handler, f, handlers, fallbacks)?;
+        } else if slot.key > STATIC_MAX_KEY {
+            let f = Failure::new(
+                FallbackStage::Handler,
+                format!("static dispatch serves keys 0..={STATIC_MAX_KEY} only"),
+            );
+            handler_rejected(input, slot.key, &slot.handler, f, handlers, fallbacks)?;
+        } else {
+            wanted.insert(slot.key, slot.handler.clone());
+        }
+    }
+    Ok(wanted)
+}
+
+/// The entry with every handler inlined was refused (`first`): find the handlers to
+/// blame, into `rejected`, and load the entry without them.
+fn load_static_degraded(
+    input: &Input<'_>,
+    dispatch: &Dispatch,
+    kernel: &mut Kernel,
+    wanted: &BTreeMap<u32, String>,
+    first: Failure,
+    rejected: &mut BTreeMap<u32, Failure>,
+) -> Result<Loaded, Failure> {
+    let full = mask_of(wanted.keys());
+    verify_handlers_alone(input, dispatch, kernel, wanted, full, rejected)?;
+    let retry = if rejected.is_empty() {
+        Err(first)
+    } else {
+        let mask = full & !mask_of(rejected.keys());
+        load_attached(input, STATIC_MODE, Some(mask), &[], kernel)
+    };
+    match retry {
+        Ok(loaded) => Ok(loaded),
+        Err(_) => {
+            rejected.clear();
+            load_static_incrementally(input, kernel, wanted, rejected)
+        }
+    }
+}
+
+/// Verifies the handler programs on their own, where the object has them as programs of
+/// the entry's kind; the ones refused go into `rejected`.
+fn verify_handlers_alone(
+    input: &Input<'_>,
+    dispatch: &Dispatch,
+    kernel: &mut Kernel,
+    wanted: &BTreeMap<u32, String>,
+    full: u64,
+    rejected: &mut BTreeMap<u32, Failure>,
+) -> Result<(), Failure> {
+    let entry_kind = input.info.programs.get(&dispatch.entry).copied();
+    let mut probe = open_object(
+        kernel,
+        (input.object, input.info),
+        input.config,
+        DispatchGlobals {
+            mode: STATIC_MODE,
+            mask: Some(full),
+        },
+        &[],
+        &[],
+    )?;
+    let attach = entry_attach(input.variant, dispatch);
+    for (&key, handler) in wanted {
+        if input.info.programs.get(handler).copied() != entry_kind
+            || entry_kind == Some(ProgramKind::Other)
+        {
+            continue;
+        }
+        if let Err(e) = load_program(&mut probe, handler, attach, kernel) {
+            rejected.insert(
+                key,
+                e.failure(FallbackStage::Handler, &format!("handler {handler:?}")),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The entry alone, then one handler bit at a time: each bit the verifier refuses goes
+/// into `rejected`, and the last accepted load is the one kept.
+fn load_static_incrementally(
+    input: &Input<'_>,
+    kernel: &mut Kernel,
+    wanted: &BTreeMap<u32, String>,
+    rejected: &mut BTreeMap<u32, Failure>,
+) -> Result<Loaded, Failure> {
+    let mut best =
+        load_attached(input, STATIC_MODE, Some(0), &[], kernel).map_err(|f| Failure {
+            reason: format!("{} (with every handler masked off)", f.reason),
+            ..f
+        })?;
+    let mut accepted = 0u64;
+    for (&key, handler) in wanted {
+        match load_attached(input, STATIC_MODE, Some(accepted | (1 << key)), &[], kernel) {
+            Ok(l) => {
+                accepted |= 1 << key;
+                best = l;
+            }
+            Err(f) => {
+                rejected.insert(
+                    key,
+                    Failure {
+                        stage: FallbackStage::Handler,
+                        reason: format!("the entry with handler {handler:?} inlined: {}", f.reason),
+                        verifier_log: f.verifier_log,
+                    },
+                );
+            }
+        }
+    }
+    Ok(best)
 }
 
 /// Why freplace dispatch did not happen.
@@ -329,27 +362,7 @@ pub(super) fn load_freplace(
     dispatch: &Dispatch,
     kernel: &mut Kernel,
 ) -> Result<Loaded, Freplace> {
-    let mech = |reason: String| Freplace::Mechanism(Failure::new(FallbackStage::Handler, reason));
-    let (handler_bytes, handler_info) = match &input.handler_object {
-        None => return Err(mech("the variant has no handlerBytecode".to_owned())),
-        Some(Err(e)) => return Err(mech(format!("handler bytecode: {e}"))),
-        Some(Ok(pair)) => *pair,
-    };
-    if let Err(problems) = object::check_handler_object(handler_info, dispatch) {
-        return Err(mech(format!("handler object: {}", problems.join("; "))));
-    }
-    let missing: Vec<String> = dispatch
-        .slots
-        .iter()
-        .map(|s| object::slot_function(s.key))
-        .filter(|f| !input.info.functions.contains(f))
-        .collect();
-    if !missing.is_empty() {
-        return Err(mech(format!(
-            "the entry object lacks the slot functions {}",
-            missing.join(", ")
-        )));
-    }
+    let (handler_bytes, handler_info) = freplace_handler_object(input, dispatch)?;
     let shared: Vec<(String, PathBuf)> = input
         .info
         .maps
@@ -366,19 +379,7 @@ pub(super) fn load_freplace(
     )
     .map_err(Freplace::Variant)?;
     loaded.mechanism = Some(Mechanism::Freplace);
-    let target = loaded
-        .ebpf
-        .program(&dispatch.entry)
-        .ok_or_else(|| {
-            mech(format!(
-                "entry {:?} is not an attached program",
-                dispatch.entry
-            ))
-        })?
-        .fd()
-        .map_err(|e| mech(format!("entry {:?}: {}", dispatch.entry, chain(&e))))?
-        .try_clone()
-        .map_err(|e| mech(format!("entry fd: {}", chain(&e))))?;
+    let target = entry_fd(&loaded, dispatch)?;
     let extensions: Vec<String> = dispatch.slots.iter().map(|s| s.handler.clone()).collect();
     let mut handlers_ebpf = open_object(
         kernel,
@@ -398,8 +399,6 @@ pub(super) fn load_freplace(
         })
     })?;
     for slot in &dispatch.slots {
-        let func = object::slot_function(slot.key);
-        let what = format!("freplace of {func} by {:?}", slot.handler);
         if !in_variant(input.variant, &slot.handler) {
             let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
             handler_rejected(
@@ -413,52 +412,125 @@ pub(super) fn load_freplace(
             .map_err(Freplace::Variant)?;
             continue;
         }
-        let ext: &mut Extension = handlers_ebpf
-            .program_mut(&slot.handler)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| mech(format!("{what}: not an extension program")))?;
-        let fd = target
-            .try_clone()
-            .map_err(|e| mech(format!("entry fd: {}", chain(&e))))?;
-        if let Err(e) = ext.load(fd, &func) {
-            let e = LoadError::from_program(e);
-            if e.errno == Some(EACCES) && !e.log.trim().is_empty() {
-                // The verifier looked at it and said no: this handler, not the mechanism.
-                let f = e.failure(FallbackStage::Handler, &what);
-                handler_rejected(
-                    input,
-                    slot.key,
-                    &slot.handler,
-                    f,
-                    &mut loaded.handlers,
-                    &mut loaded.fallbacks,
-                )
-                .map_err(Freplace::Variant)?;
-                continue;
-            }
-            return Err(Freplace::Mechanism(
-                e.failure(FallbackStage::Handler, &what),
-            ));
-        }
-        let id = ext
-            .info()
-            .map(|i| i.id())
-            .map_err(|e| mech(format!("{what}: {}", chain(&e))))?;
-        let link_id = ext
-            .attach()
-            .map_err(|e| mech(format!("{what}: attaching: {}", chain(&e))))?;
-        let link: FdLink = ext
-            .take_link(link_id)
-            .map_err(|e| mech(format!("{what}: {}", chain(&e))))?
-            .into();
-        let record = pins::pin_link(link, input.dir, &slot.handler, "freplace", &func, None)
-            .map_err(mech)?;
-        ext.pin(input.dir.join(pins::program_pin(&slot.handler)))
-            .map_err(|e| mech(format!("{what}: pinning: {}", chain(&e))))?;
-        loaded.extension_links.push(record);
-        loaded.program_ids.insert(slot.handler.clone(), id);
-        loaded.handlers.push(slot_loaded(slot.key, &slot.handler));
+        replace_slot(input, slot, &target, &mut handlers_ebpf, &mut loaded)?;
     }
     loaded.extra.push(handlers_ebpf);
     Ok(loaded)
+}
+
+fn mechanism_failure(reason: String) -> Freplace {
+    Freplace::Mechanism(Failure::new(FallbackStage::Handler, reason))
+}
+
+/// The variant's handler object, checked against the dispatch table, and the entry
+/// object's slot functions: what freplace needs before anything is loaded.
+fn freplace_handler_object<'a>(
+    input: &Input<'a>,
+    dispatch: &Dispatch,
+) -> Result<(&'a [u8], &'a ObjectInfo), Freplace> {
+    let (handler_bytes, handler_info) = match &input.handler_object {
+        None => {
+            return Err(mechanism_failure(
+                "the variant has no handlerBytecode".to_owned(),
+            ))
+        }
+        Some(Err(e)) => return Err(mechanism_failure(format!("handler bytecode: {e}"))),
+        Some(Ok(pair)) => *pair,
+    };
+    if let Err(problems) = object::check_handler_object(handler_info, dispatch) {
+        return Err(mechanism_failure(format!(
+            "handler object: {}",
+            problems.join("; ")
+        )));
+    }
+    let missing: Vec<String> = dispatch
+        .slots
+        .iter()
+        .map(|s| object::slot_function(s.key))
+        .filter(|f| !input.info.functions.contains(f))
+        .collect();
+    if !missing.is_empty() {
+        return Err(mechanism_failure(format!(
+            "the entry object lacks the slot functions {}",
+            missing.join(", ")
+        )));
+    }
+    Ok((handler_bytes, handler_info))
+}
+
+/// A descriptor of the loaded entry, the target the extensions replace functions of.
+fn entry_fd(loaded: &Loaded, dispatch: &Dispatch) -> Result<ProgramFd, Freplace> {
+    loaded
+        .ebpf
+        .program(&dispatch.entry)
+        .ok_or_else(|| {
+            mechanism_failure(format!(
+                "entry {:?} is not an attached program",
+                dispatch.entry
+            ))
+        })?
+        .fd()
+        .map_err(|e| mechanism_failure(format!("entry {:?}: {}", dispatch.entry, chain(&e))))?
+        .try_clone()
+        .map_err(|e| mechanism_failure(format!("entry fd: {}", chain(&e))))
+}
+
+/// Loads one slot's handler as an extension of `bpfpoly_slot_<key>`, attaches and pins
+/// it. A handler the verifier refuses takes the policy's path; any other failure is the
+/// mechanism's.
+fn replace_slot(
+    input: &Input<'_>,
+    slot: &DispatchSlot,
+    target: &ProgramFd,
+    handlers_ebpf: &mut Ebpf,
+    loaded: &mut Loaded,
+) -> Result<(), Freplace> {
+    let mech = mechanism_failure;
+    let func = object::slot_function(slot.key);
+    let what = format!("freplace of {func} by {:?}", slot.handler);
+    let ext: &mut Extension = handlers_ebpf
+        .program_mut(&slot.handler)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| mech(format!("{what}: not an extension program")))?;
+    let fd = target
+        .try_clone()
+        .map_err(|e| mech(format!("entry fd: {}", chain(&e))))?;
+    if let Err(e) = ext.load(fd, &func) {
+        let e = LoadError::from_program(e);
+        if e.errno == Some(EACCES) && !e.log.trim().is_empty() {
+            // The verifier looked at it and said no: this handler, not the mechanism.
+            let f = e.failure(FallbackStage::Handler, &what);
+            return handler_rejected(
+                input,
+                slot.key,
+                &slot.handler,
+                f,
+                &mut loaded.handlers,
+                &mut loaded.fallbacks,
+            )
+            .map_err(Freplace::Variant);
+        }
+        return Err(Freplace::Mechanism(
+            e.failure(FallbackStage::Handler, &what),
+        ));
+    }
+    let id = ext
+        .info()
+        .map(|i| i.id())
+        .map_err(|e| mech(format!("{what}: {}", chain(&e))))?;
+    let link_id = ext
+        .attach()
+        .map_err(|e| mech(format!("{what}: attaching: {}", chain(&e))))?;
+    let link: FdLink = ext
+        .take_link(link_id)
+        .map_err(|e| mech(format!("{what}: {}", chain(&e))))?
+        .into();
+    let record =
+        pins::pin_link(link, input.dir, &slot.handler, "freplace", &func, None).map_err(mech)?;
+    ext.pin(input.dir.join(pins::program_pin(&slot.handler)))
+        .map_err(|e| mech(format!("{what}: pinning: {}", chain(&e))))?;
+    loaded.extension_links.push(record);
+    loaded.program_ids.insert(slot.handler.clone(), id);
+    loaded.handlers.push(slot_loaded(slot.key, &slot.handler));
+    Ok(())
 }

@@ -392,7 +392,7 @@ impl Mechanism {
     }
 
     /// The value of `bpfpoly_dispatch_mode`.
-    pub fn mode(self) -> u32 {
+    pub const fn mode(self) -> u32 {
         match self {
             Mechanism::TailCall => 0,
             Mechanism::Static => 1,
