@@ -21,32 +21,38 @@ pub mod verify;
 
 mod adopt;
 mod attach;
+mod attempt;
 mod candidate;
+mod counters;
 mod dispatch;
 mod error;
 mod mechanism;
 mod pins;
+mod record;
+mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     panic::{catch_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use bpfpoly_crds::{
-    program::{Bytecode, DispatchMechanism, OnVerifierReject},
-    state::{FallbackRecord, FallbackStage, HandlerState, Phase, ProgramAssignment, ProgramStatus},
+    program::{Bytecode, OnVerifierReject},
+    state::{FallbackRecord, FallbackStage, ProgramAssignment, ProgramStatus},
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::fetch::{check_sha256, sha256_hex, FetchError, DEFAULT_MAX_OBJECT_BYTES};
+use crate::fetch::{sha256_hex, FetchError, DEFAULT_MAX_OBJECT_BYTES};
+use attempt::{parse_config, Success};
 use candidate::{Failure, Kernel};
 pub use object::Mechanism;
 pub use pins::LinkRecord;
+use report::now_rfc3339;
 
 /// Default bpffs directory of the agent's pins.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/bpfpoly";
@@ -266,71 +272,6 @@ pub fn assignment_digest(a: &ProgramAssignment) -> String {
     sha256_hex(&json)[..16].to_owned()
 }
 
-fn now_rfc3339() -> String {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    k8s_openapi::jiff::Timestamp::from_second(now.as_second())
-        .unwrap_or(now)
-        .to_string()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Config values parsed into the bytes written to `.rodata`.
-fn parse_config(a: &ProgramAssignment) -> Result<Vec<(String, Vec<u8>)>, String> {
-    a.config
-        .iter()
-        .map(|c| {
-            c.type_
-                .parse_value(&c.value)
-                .map(|v| (c.name.clone(), v.to_ne_bytes()))
-                .map_err(|e| format!("config {:?}: {e}", c.name))
-        })
-        .collect()
-}
-
-fn bound(mut fallbacks: Vec<FallbackRecord>) -> Vec<FallbackRecord> {
-    fallbacks.truncate(MAX_FALLBACKS);
-    fallbacks
-}
-
-fn describe_links(links: &[LinkRecord]) -> String {
-    let parts: Vec<String> = links
-        .iter()
-        .filter(|l| l.kind != "freplace")
-        .map(|l| match (&l.mode, l.netlink) {
-            (Some(m), Some(_)) => format!("{} (netlink) {} ({m})", l.kind, l.target),
-            (Some(m), None) => format!("{} {} ({m})", l.kind, l.target),
-            (None, _) => format!("{} {}", l.kind, l.target),
-        })
-        .collect();
-    if parts.is_empty() {
-        "no attachment".to_owned()
-    } else {
-        parts.join(", ")
-    }
-}
-
-fn describe_fallback(f: &FallbackRecord) -> String {
-    format!("{} -> {} ({}: {})", f.from, f.to, f.stage, f.reason)
-}
-
-/// One candidate that made it, before it is recorded.
-struct Success {
-    index: usize,
-    /// Variant-level fallbacks of the candidates before it.
-    earlier: Vec<FallbackRecord>,
-    /// Time since the first candidate failed.
-    since_first_failure: Option<Duration>,
-    loaded: candidate::Loaded,
-    links: Vec<LinkRecord>,
-    changes: Vec<attach::Change>,
-}
-
 impl Loader {
     /// Makes sure the pin root is on a bpffs (mounting `/sys/fs/bpf` if needed) and
     /// exists; mounts tracefs if missing (tracepoint attach needs it).
@@ -403,7 +344,7 @@ impl Loader {
     /// path, summed over CPUs). None without counters or when the read fails.
     pub fn dispatch_counts(&self, name: &str) -> Option<DispatchCounts> {
         let running = self.running.get(name)?;
-        let mut counts = own_counts(running)?;
+        let mut counts = counters::own(running)?;
         counts.default = counts.default.wrapping_add(running.carried.default);
         for (key, n) in &mut counts.per_key {
             *n = n.wrapping_add(running.carried.per_key.get(key).copied().unwrap_or(0));
@@ -564,306 +505,6 @@ impl Loader {
         Err((fallbacks, None))
     }
 
-    /// Fetches, checks, loads and attaches candidate `index`.
-    fn try_candidate(
-        &mut self,
-        a: &ProgramAssignment,
-        index: usize,
-        config: &[(String, Vec<u8>)],
-        dir: &Path,
-        previous: Option<&(PathBuf, Vec<LinkRecord>)>,
-        fetch: &dyn Fn(&Bytecode) -> Result<Vec<u8>, FetchError>,
-    ) -> Result<Success, Failure> {
-        let variant = &a.candidates[index];
-        let bytes = self.fetch_checked(&variant.bytecode, fetch)?;
-        let info = object::inspect(&bytes)
-            .map_err(|e| Failure::new(FallbackStage::Verify, format!("bytecode: {e}")))?;
-
-        let dispatch = a
-            .dispatch
-            .as_ref()
-            .filter(|d| variant.programs.iter().any(|p| p.name == d.entry));
-        let (mechanism, auto) = match dispatch {
-            None => (None, false),
-            Some(d) => match variant.dispatch_mechanism.unwrap_or(d.mechanism) {
-                DispatchMechanism::Auto => (
-                    Some(object::resolve_auto(
-                        &info,
-                        d,
-                        variant.handler_bytecode.is_some(),
-                    )),
-                    true,
-                ),
-                DispatchMechanism::TailCall => (Some(Mechanism::TailCall), false),
-                DispatchMechanism::Static => (Some(Mechanism::Static), false),
-                DispatchMechanism::Freplace => (Some(Mechanism::Freplace), false),
-            },
-        };
-        // With `auto`, freplace is a try: the object must at least fit what it falls back to.
-        let checked = match (dispatch, mechanism) {
-            (Some(d), Some(Mechanism::Freplace)) if auto => {
-                Some((d, object::resolve_auto(&info, d, false)))
-            }
-            (Some(d), Some(m)) => Some((d, m)),
-            _ => None,
-        };
-        object::check_variant(&info, variant, &a.config, checked).map_err(|problems| {
-            Failure::new(
-                FallbackStage::Verify,
-                format!("object check: {}", problems.join("; ")),
-            )
-        })?;
-
-        let handler_bytes;
-        let handler_info;
-        let handler_object = match (&variant.handler_bytecode, mechanism) {
-            (Some(source), Some(Mechanism::Freplace)) => {
-                match self.fetch_checked(source, fetch).and_then(|b| {
-                    object::inspect(&b)
-                        .map(|i| (b, i))
-                        .map_err(|e| Failure::new(FallbackStage::Handler, e.to_string()))
-                }) {
-                    Ok((b, i)) => {
-                        handler_bytes = b;
-                        handler_info = i;
-                        Some(Ok((handler_bytes.as_slice(), &handler_info)))
-                    }
-                    Err(f) => Some(Err(f.reason)),
-                }
-            }
-            _ => None,
-        };
-        let input = candidate::Input {
-            variant,
-            object: &bytes,
-            info: &info,
-            config,
-            dispatch: dispatch.zip(mechanism),
-            auto,
-            handler_object,
-            policy: &a.fallback,
-            dir,
-        };
-        let mut loaded = mechanism::load(&input, &mut self.kernel)?;
-        let mut changes = Vec::new();
-        let previous = previous.map(|(dir, links)| attach::Previous { dir, links });
-        match attach::attach_variant(
-            &mut loaded.ebpf,
-            variant,
-            dir,
-            previous.as_ref(),
-            &mut changes,
-        ) {
-            Ok(mut links) => {
-                links.append(&mut loaded.extension_links);
-                Ok(Success {
-                    index,
-                    earlier: Vec::new(),
-                    since_first_failure: None,
-                    loaded,
-                    links,
-                    changes,
-                })
-            }
-            Err(mut failure) => {
-                let errors = attach::revert(changes);
-                if !errors.is_empty() {
-                    failure.reason = format!(
-                        "{}; restoring the running version failed: {}",
-                        failure.reason,
-                        errors.join("; ")
-                    );
-                }
-                Err(failure)
-            }
-        }
-    }
-
-    fn fetch_checked(
-        &self,
-        source: &Bytecode,
-        fetch: &dyn Fn(&Bytecode) -> Result<Vec<u8>, FetchError>,
-    ) -> Result<Vec<u8>, Failure> {
-        let fail = |e: FetchError| Failure::new(FallbackStage::Verify, format!("bytecode: {e}"));
-        let bytes = fetch(source).map_err(fail)?;
-        if bytes.len() as u64 > self.cfg.max_object_bytes {
-            return Err(fail(FetchError::TooLarge {
-                what: "object".to_owned(),
-                size: bytes.len() as u64,
-                limit: self.cfg.max_object_bytes,
-            }));
-        }
-        check_sha256(&bytes, source.sha256.as_deref()).map_err(fail)?;
-        Ok(bytes)
-    }
-
-    /// Records a successful candidate and retires the previous version.
-    fn commit(
-        &mut self,
-        a: &ProgramAssignment,
-        digest: &str,
-        success: Success,
-    ) -> (ProgramStatus, Outcome) {
-        let Success {
-            index,
-            earlier: mut fallbacks,
-            since_first_failure: _,
-            loaded,
-            links,
-            changes,
-        } = success;
-        let dir = self.program_dir(&a.name).join(digest);
-        let variant = &a.candidates[index];
-        fallbacks.extend(loaded.fallbacks.iter().cloned());
-        let all_handlers = loaded.handlers.iter().all(|h| h.state == "Loaded");
-        let phase = if index == 0 && fallbacks.is_empty() && all_handlers {
-            Phase::Loaded
-        } else {
-            Phase::Degraded
-        };
-        let info = RunningInfo {
-            digest: digest.to_owned(),
-            generation: a.generation,
-            variant: variant.name.clone(),
-            mechanism: loaded.mechanism.map(|m| m.as_str().to_owned()),
-            programs: loaded.program_ids.clone(),
-            links,
-            dispatch_keys: loaded.dispatch_keys.clone(),
-            pin_dir: dir.clone(),
-        };
-        let message = running_message(&info, &loaded.handlers, &fallbacks, &a.config);
-        let status = ProgramStatus {
-            name: a.name.clone(),
-            observed_generation: a.generation,
-            phase,
-            variant: Some(variant.name.clone()),
-            mechanism: info.mechanism.clone(),
-            handlers: loaded.handlers.clone(),
-            fallbacks: bound(fallbacks),
-            program_ids: info.program_ids(),
-            message,
-            last_transition_time: None,
-        };
-        let record = Record {
-            version: pins::META_VERSION,
-            program: a.name.clone(),
-            created_unix_ms: unix_ms(),
-            status: status.clone(),
-            info: info.clone(),
-        };
-        let written = serde_json::to_vec(&record)
-            .map_err(|e| e.to_string())
-            .and_then(|json| pins::write_meta(&dir, &json));
-        if let Err(e) = written {
-            // Unrecorded pins could not be adopted after a restart: undo the attempt.
-            let errors = attach::revert(changes);
-            drop(loaded);
-            let _ = pins::remove_dir(&dir);
-            let mut fallbacks = status.fallbacks.clone();
-            fallbacks.push(FallbackRecord {
-                from: variant.name.clone(),
-                to: "none".to_owned(),
-                stage: FallbackStage::Attach,
-                reason: format!("recording the pins failed: {e}"),
-                verifier_log: None,
-            });
-            let cause = if errors.is_empty() {
-                None
-            } else {
-                Some(format!(
-                    "restoring the running version failed: {}",
-                    errors.join("; ")
-                ))
-            };
-            return self.fail(a, fallbacks, cause);
-        }
-        // Pinned and recorded: our handles can go.
-        drop(loaded);
-        let mut carried = DispatchCounts::default();
-        let outcome = match self.running.remove(&a.name) {
-            Some(old) => {
-                // The old version's last counts (its links already run the new one).
-                if let Some(last) = own_counts(&old) {
-                    carried.default = old.carried.default.wrapping_add(last.default);
-                    for (key, n) in last.per_key {
-                        let before = old.carried.per_key.get(&key).copied().unwrap_or(0);
-                        carried.per_key.insert(key, before.wrapping_add(n));
-                    }
-                }
-                drop(old.counters);
-                if let Err(e) = pins::remove_dir(&old.info.pin_dir) {
-                    warn!(program = %a.name, "removing the previous version's pins: {e}");
-                }
-                Outcome::Updated
-            }
-            None => Outcome::Loaded,
-        };
-        let counters = open_counters(&dir);
-        self.running.insert(
-            a.name.clone(),
-            Running {
-                info,
-                status: status.clone(),
-                counters,
-                carried,
-            },
-        );
-        (status, outcome)
-    }
-
-    /// Nothing new runs: keep the previous version (keepPreviousOnFailure) or remove it.
-    fn fail(
-        &mut self,
-        a: &ProgramAssignment,
-        fallbacks: Vec<FallbackRecord>,
-        cause: Option<String>,
-    ) -> (ProgramStatus, Outcome) {
-        let causes = match (&cause, fallbacks.is_empty()) {
-            (Some(c), _) => c.clone(),
-            (None, false) => fallbacks
-                .iter()
-                .map(|f| format!("{}: {}: {}", f.from, f.stage, f.reason))
-                .collect::<Vec<_>>()
-                .join("; "),
-            (None, true) => "nothing was tried".to_owned(),
-        };
-        if let Some(run) = self.running.get(&a.name) {
-            if a.fallback.keep_previous_on_failure {
-                let mut status = run.status.clone();
-                status.message = format!(
-                    "update to generation {} failed, still running generation {} (variant {}): {causes}",
-                    a.generation, run.info.generation, run.info.variant
-                );
-                let mut all = status.fallbacks.clone();
-                all.extend(fallbacks);
-                status.fallbacks = bound(all);
-                return (status, Outcome::KeptPrevious);
-            }
-        }
-        if let Some(old) = self.running.remove(&a.name) {
-            drop(old.counters);
-            if let Err(e) = pins::remove_dir(&old.info.pin_dir) {
-                warn!(program = %a.name, "removing the previous version's pins: {e}");
-            }
-        }
-        let program_dir = self.program_dir(&a.name);
-        let _ = fs::remove_dir(&program_dir); // only if empty
-        let message = if cause.is_some() {
-            format!("not loaded: {causes}")
-        } else {
-            format!("no variant could run: {causes}")
-        };
-        let status = ProgramStatus {
-            name: a.name.clone(),
-            observed_generation: a.generation,
-            phase: Phase::Failed,
-            fallbacks: bound(fallbacks),
-            message,
-            ..ProgramStatus::default()
-        };
-        (status, Outcome::Failed)
-    }
-
     /// Detaches and unpins `name`; nothing of it is left. Removing a program that
     /// does not run is not an error.
     pub fn remove(&mut self, name: &str) -> Result<(), LoaderError> {
@@ -898,65 +539,4 @@ impl Loader {
         fs::remove_dir(bpffs_root).map_err(io_error(bpffs_root))?;
         Ok(removed)
     }
-}
-
-/// The counts in `running`'s own counter map (per key and the default path, summed over CPUs).
-fn own_counts(running: &Running) -> Option<DispatchCounts> {
-    let counters = running.counters.as_ref()?;
-    let read = |key: u32| -> Option<u64> {
-        let values = counters.get(&key, 0).ok()?;
-        Some(values.iter().copied().fold(0u64, u64::wrapping_add))
-    };
-    let mut counts = DispatchCounts {
-        default: read(DEFAULT_SLOT)?,
-        ..DispatchCounts::default()
-    };
-    for &key in &running.info.dispatch_keys {
-        counts.per_key.insert(key, read(key)?);
-    }
-    Some(counts)
-}
-
-fn open_counters(dir: &Path) -> Option<PerCpuArray<MapData, u64>> {
-    let path = dir.join(pins::DISPATCH_PIN);
-    if !path.exists() {
-        return None;
-    }
-    let map = MapData::from_pin(&path)
-        .ok()
-        .and_then(|d| Map::from_map_data(d).ok())?;
-    PerCpuArray::try_from(map).ok()
-}
-
-fn running_message(
-    info: &RunningInfo,
-    handlers: &[HandlerState],
-    fallbacks: &[FallbackRecord],
-    config: &[bpfpoly_crds::state::ResolvedConfig],
-) -> String {
-    let mut message = format!("variant {} running", info.variant);
-    if let Some(m) = &info.mechanism {
-        let loaded = handlers.iter().filter(|h| h.state == "Loaded").count();
-        message.push_str(&format!(
-            " ({m} dispatch, {loaded}/{} handlers)",
-            handlers.len()
-        ));
-    }
-    message.push_str(&format!(" on {}", describe_links(&info.links)));
-    if !fallbacks.is_empty() {
-        let steps: Vec<String> = fallbacks.iter().map(describe_fallback).collect();
-        message.push_str(&format!("; degraded: {}", steps.join("; ")));
-    }
-    let fell_back: Vec<String> = config
-        .iter()
-        .filter(|c| c.fell_back)
-        .map(|c| match &c.reason {
-            Some(r) => format!("{}={} ({r})", c.name, c.value),
-            None => format!("{}={}", c.name, c.value),
-        })
-        .collect();
-    if !fell_back.is_empty() {
-        message.push_str(&format!("; config fallbacks: {}", fell_back.join(", ")));
-    }
-    message
 }

@@ -8,7 +8,7 @@ use std::{
 
 use tracing::warn;
 
-use super::{attach, open_counters, pins, Adopted, Loader, Record, Running, RunningInfo};
+use super::{attach, counters, pins, Adopted, Loader, Record, Running, RunningInfo};
 
 impl Loader {
     /// Finds the programs a previous agent pinned under the root and takes them over
@@ -77,7 +77,7 @@ impl Loader {
         let mut info = record.info;
         info.pin_dir = dir.clone();
         let (consistent, note) = verify_links(&info);
-        let counters = open_counters(&dir);
+        let counters = counters::open(&dir);
         let adopted = Adopted {
             name: record.program.clone(),
             digest: info.digest.clone(),
