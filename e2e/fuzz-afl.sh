@@ -16,7 +16,8 @@
 #
 # Knobs: BPFPOLY_AFL_SECS       time box per target (default 75 s)
 #        BPFPOLY_AFL_MIN_EXECS  executions each target must reach in it (default 1000000)
-#        BPFPOLY_AFL_JOBS       targets fuzzed at once (default 1: one core; 2 uses both)
+#        BPFPOLY_AFL_JOBS       targets fuzzed at once (default: 2, one per core, when the
+#                               machine is otherwise idle (1-min load < 0.5), else 1)
 #        BPFPOLY_AFL_TARGETS    default "inspect object_check"
 #        BPFPOLY_FUZZ_REPORT    JSON lines file to append one record per target to
 # A crash (any panic: afl's hook aborts before a catch_unwind can hide it) or a hang fails
@@ -31,9 +32,10 @@ AFL_CRATE_VERSION=0.18.2
 CARGO_AFL="$AFL_ROOT/bin/cargo-afl"
 # cargo-afl keeps AFL++ and its runtime under $XDG_DATA_HOME/afl.rs.
 export XDG_DATA_HOME="$AFL_ROOT/data"
-SECS="${BPFPOLY_AFL_SECS:-75}"
+SECS="${BPFPOLY_AFL_SECS:-150}"
 MIN_EXECS="${BPFPOLY_AFL_MIN_EXECS:-1000000}"
-JOBS="${BPFPOLY_AFL_JOBS:-1}"
+idle_jobs() { awk -v n="$(nproc)" '{ print ($1 < 0.5 && n >= 2) ? 2 : 1 }' /proc/loadavg; }
+JOBS="${BPFPOLY_AFL_JOBS:-$(idle_jobs)}"
 TARGETS="${BPFPOLY_AFL_TARGETS:-inspect object_check}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 BUILD="$TARGET_DIR/afl"
@@ -46,7 +48,7 @@ die() { echo "[bpfpoly] ERROR: fuzz (AFL++): $*" >&2; exit 1; }
 # --- install (cached) --------------------------------------------------------------------
 rustc_release=$(rustc -V | awk '{print $2}')
 runtime_built() {
-    compgen -G "$XDG_DATA_HOME/afl.rs/rustc-$rustc_release-*/afl.rs-$AFL_CRATE_VERSION/afl-llvm/libafl-llvm-rt.a" >/dev/null
+    compgen -G "$XDG_DATA_HOME/afl.rs/rustc-$rustc_release-*/afl.rs-$AFL_CRATE_VERSION/afl-llvm/afl-compiler-rt.o" >/dev/null
 }
 if [[ ! -x $CARGO_AFL ]] || ! PATH="$AFL_ROOT/bin:$PATH" cargo afl --version 2>/dev/null | grep -q "$AFL_CRATE_VERSION"; then
     say "installing cargo-afl $AFL_CRATE_VERSION and AFL++ into $AFL_ROOT (once, about 2 min)"
@@ -106,7 +108,7 @@ fuzz_one() {
     done
 }
 
-say "$seeds seeds; ${SECS} s per target, $JOBS at once; targets: $TARGETS"
+say "$seeds seeds; ${SECS} s per target, $JOBS at once (load average $(cut -d' ' -f1-3 /proc/loadavg)); targets: $TARGETS"
 rc=0
 if ((JOBS > 1)); then
     pids=()
@@ -144,7 +146,9 @@ for t in targets:
         print(f"[bpfpoly] ERROR: fuzz (AFL++): {t}: {found} crashes, {hangs} hangs; inputs in {crashes}/afl-{t}-*")
         bad = True
     if execs < min_execs:
-        print(f"[bpfpoly] ERROR: fuzz (AFL++): {t}: {execs} executions, fewer than {min_execs}")
+        load = open("/proc/loadavg").read().split()[:3]
+        print(f"[bpfpoly] ERROR: fuzz (AFL++): {t}: {execs} executions, fewer than {min_execs} "
+              f"(load average now {' '.join(load)}: other work on the machine slows it; BPFPOLY_AFL_SECS raises the box)")
         bad = True
 sys.exit(1 if bad else 0)
 EOF
