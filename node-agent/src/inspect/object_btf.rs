@@ -13,7 +13,10 @@ const MAX_TYPE_DEPTH: usize = 32;
 /// Parses the object's `.BTF` and checks what aya-obj 0.3 takes on trust: the header
 /// (version 1, no flags, sections in bounds), known kinds and record sizes, and every
 /// name a type, member, enumerator or parameter refers to is a NUL-terminated string
-/// of the string table (the parser slices the table with an unchecked offset).
+/// of the string table (the parser slices the table with an unchecked offset). The
+/// string table must be UTF-8: when the kernel refuses a name, its BTF log quotes it,
+/// and aya 0.14 panics turning a log that is not UTF-8 into its error (found by the
+/// loader fuzz target).
 pub(super) fn parse(raw: &[u8]) -> Result<RawBtf<'_>, String> {
     let btf = RawBtf::parse(raw)?;
     let (version, flags) = (raw[2], raw[3]);
@@ -24,6 +27,12 @@ pub(super) fn parse(raw: &[u8]) -> Result<RawBtf<'_>, String> {
         return Err(format!("unsupported BTF flags {flags:#x}"));
     }
     let strings = btf.strings();
+    if let Err(e) = std::str::from_utf8(strings) {
+        return Err(format!(
+            "the string table is not UTF-8 (at byte {})",
+            e.valid_up_to()
+        ));
+    }
     let name_ok = |off: u32| {
         strings
             .get(off as usize..)
@@ -244,4 +253,25 @@ fn strip(btf: &RawBtf<'_>, mut id: u32) -> Option<Record> {
         }
     }
     Some(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _};
+
+    /// A name that is not UTF-8 is refused offline (the crash input of the loader fuzz
+    /// target had `__u\xff\xff\xff\xffnsigned int`).
+    #[test]
+    fn a_string_table_that_is_not_utf8_is_refused() {
+        let obj = crate::builtin::builtin("packet-classifier-xdp").unwrap();
+        let elf = object::File::parse(obj).unwrap();
+        let (start, _) = elf.section_by_name(".BTF").unwrap().file_range().unwrap();
+        let raw = elf.section_by_name(".BTF").unwrap().data().unwrap();
+        let btf = super::parse(raw).unwrap();
+        let at = start as usize + btf.hdr_len + btf.str_off + 1;
+        let mut bad = obj.to_vec();
+        bad[at] = 0xff;
+        let err = crate::inspect::inspect_bytes(&bad).unwrap_err().to_string();
+        assert!(err.contains(".BTF: the string table is not UTF-8"), "{err}");
+    }
 }
