@@ -9,6 +9,9 @@
 #                                    the agent's BTF query answering, `profile --btf-path`
 #   node-agent/tests/fuzz_loader.rs  Loader::apply on the real kernel with mutated objects
 #                                    (root only; skipped otherwise)
+#   fuzz/ (e2e/fuzz-afl.sh)          coverage-guided AFL++ (afl crate, stable Rust): object
+#                                    inspection and the loader's object check, each to at
+#                                    least 1,000,000 executions (BPFPOLY_AFL_* knobs there)
 #
 # Knobs: BPFPOLY_FUZZ_SECS   seconds per time-bounded target (default 15; ~2 min in all)
 #        BPFPOLY_FUZZ_CLI_RUNS mutated BTF files through the CLI (default 60)
@@ -46,6 +49,8 @@ if [ "$(id -u)" = 0 ] && [ "${BPFPOLY_SKIP_PRIVILEGED:-0}" != 1 ]; then
 else
   say "skipping Loader::apply on the kernel (needs root)"
 fi
+say "coverage-guided: object inspection and the object check (AFL++)"
+bash "$REPO/e2e/fuzz-afl.sh" || rc=1
 # grep -q in a pipeline hides a test failure: look at the per-target records too.
 python3 - "$REPORT" <<'EOF' || rc=1
 import json, sys
@@ -55,6 +60,6 @@ panics = sum(r.get("panics", 0) for r in rows)
 print(f"[bpfpoly] fuzz: {len(rows)} targets, {total} executions, {panics} panics")
 for r in rows:
     print(f"  {r['executions']:>9}  {r['distinct']:>5} outcomes  {r['seconds']:6.1f} s  {r['target']}")
-sys.exit(1 if panics or len(rows) < 6 else 0)
+sys.exit(1 if panics or len(rows) < 8 else 0)
 EOF
 exit $rc

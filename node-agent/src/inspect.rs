@@ -17,7 +17,10 @@ use std::{
 
 use aya_obj::{maps::Map, EbpfSectionKind, Object, ParseError, ProgramSection};
 use bpfpoly_crds::requirement::MAP_TYPES;
-use btf_rs::{Btf, Type};
+
+use crate::kconfig::btf_raw::RawBtf;
+
+mod object_btf;
 use object::{Architecture, ObjectKind, ObjectSection, ObjectSymbol, SectionIndex, SymbolKind};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -28,8 +31,6 @@ pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 64 << 20;
 pub const MAX_SECTIONS: usize = 4096;
 /// Largest section (`.bss` is allocated by the parser, whatever the file size).
 const MAX_DATA_SECTION_BYTES: u64 = 64 << 20;
-/// Type chains (typedef → const → volatile → ...) longer than this are corrupt.
-const MAX_TYPE_DEPTH: usize = 32;
 
 /// What an object contains.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -188,6 +189,17 @@ pub fn inspect_file(path: &Path, max_bytes: u64) -> Result<ObjectInfo, InspectEr
 /// Inspects object bytes: checks the ELF, parses it as the loader does, and
 /// lists programs, maps and globals.
 pub fn inspect_bytes(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
+    inspect_with(bytes, true)
+}
+
+/// `inspect_bytes` without the SHA-256 (`sha256` is left empty), for the loader's
+/// object check: the fetch has verified the digest already, and hashing is about a
+/// tenth of an inspection.
+pub fn inspect_unhashed(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
+    inspect_with(bytes, false)
+}
+
+fn inspect_with(bytes: &[u8], digest: bool) -> Result<ObjectInfo, InspectError> {
     if bytes.is_empty() {
         return Err(InspectError::Empty);
     }
@@ -200,12 +212,9 @@ pub fn inspect_bytes(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
     let elf = object::File::parse(bytes).map_err(|e| InspectError::Malformed(e.to_string()))?;
     let sections = check_elf(&elf)?;
     let btf = match section_data(&elf, ".BTF").filter(|d| !d.is_empty()) {
-        Some(raw) => {
-            let btf =
-                Btf::from_bytes(raw).map_err(|e| InspectError::Malformed(format!(".BTF: {e}")))?;
-            check_btf_names(&btf).map_err(|e| InspectError::Malformed(format!(".BTF: {e}")))?;
-            Some(btf)
-        }
+        Some(raw) => Some(
+            object_btf::parse(raw).map_err(|e| InspectError::Malformed(format!(".BTF: {e}")))?,
+        ),
         None => None,
     };
 
@@ -261,7 +270,11 @@ pub fn inspect_bytes(bytes: &[u8]) -> Result<ObjectInfo, InspectError> {
     let globals = globals(&elf, &obj, btf.as_ref());
 
     Ok(ObjectInfo {
-        sha256: hex::encode(Sha256::digest(bytes)),
+        sha256: if digest {
+            hex::encode(Sha256::digest(bytes))
+        } else {
+            String::new()
+        },
         size: bytes.len() as u64,
         license: obj.license.to_string_lossy().into_owned(),
         btf: obj.btf.is_some(),
@@ -434,54 +447,6 @@ fn section_data<'a>(elf: &object::File<'a>, name: &str) -> Option<&'a [u8]> {
     elf.section_by_name(name).and_then(|s| s.data().ok())
 }
 
-/// Every name a type, member, enumerator or parameter refers to is a string of
-/// the table: aya-obj 0.3 slices its string table with unchecked offsets.
-fn check_btf_names(btf: &Btf) -> Result<(), String> {
-    use btf_rs::BtfType;
-    let (_, last) = btf.base().type_id_range();
-    let name = |t: &dyn BtfType, what: &str, id: u32| {
-        if t.get_name_offset().is_some() {
-            btf.resolve_name(t)
-                .map(drop)
-                .map_err(|e| format!("type {id}: {what} name: {e}"))
-        } else {
-            Ok(())
-        }
-    };
-    for id in 1..=last {
-        let ty = btf
-            .resolve_type_by_id(id)
-            .map_err(|e| format!("type {id}: {e}"))?;
-        if let Some(t) = ty.as_btf_type() {
-            name(t, "its", id)?;
-        }
-        match &ty {
-            Type::Struct(s) | Type::Union(s) => {
-                for m in &s.members {
-                    name(m, "member", id)?;
-                }
-            }
-            Type::Enum(e) => {
-                for m in &e.members {
-                    name(m, "enumerator", id)?;
-                }
-            }
-            Type::Enum64(e) => {
-                for m in &e.members {
-                    name(m, "enumerator", id)?;
-                }
-            }
-            Type::FuncProto(f) => {
-                for p in &f.parameters {
-                    name(p, "parameter", id)?;
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Checks what aya-obj 0.3 indexes in `.BTF.ext` without bounds checks (it
 /// panics on them): record sizes, record counts, and the section-name string
 /// offsets of the func/line info into the `.BTF` string table. Same reads as
@@ -635,7 +600,7 @@ fn map_info(name: &str, map: &Map, section: String) -> MapInfo {
 
 /// Globals of the data sections the loader turns into maps. With BTF they come
 /// from its DATASECs (names and types); without, from the ELF symbols.
-fn globals(elf: &object::File<'_>, obj: &Object, btf: Option<&Btf>) -> Vec<GlobalInfo> {
+fn globals(elf: &object::File<'_>, obj: &Object, btf: Option<&RawBtf<'_>>) -> Vec<GlobalInfo> {
     use object::Object as _;
     // Data sections by name, with each defined symbol's (offset, size).
     let mut data_sections: BTreeMap<String, BTreeMap<String, (u64, u64)>> = BTreeMap::new();
@@ -670,34 +635,21 @@ fn globals(elf: &object::File<'_>, obj: &Object, btf: Option<&Btf>) -> Vec<Globa
     match btf {
         Some(btf) => {
             for (section, symbols) in &data_sections {
-                for ty in btf.resolve_types_by_name(section).unwrap_or_default() {
-                    let Type::Datasec(ds) = ty else { continue };
-                    for var_info in &ds.variables {
-                        let Ok(Type::Var(var)) = btf.resolve_chained_type(var_info) else {
-                            continue;
-                        };
-                        let Ok(name) = btf.resolve_name(&var) else {
-                            continue;
-                        };
-                        let (declared, type_name, type_size) = match btf.resolve_chained_type(&var)
-                        {
-                            Ok(t) => describe(btf, t),
-                            Err(_) => ("unknown".into(), "unknown".into(), None),
-                        };
-                        let (offset, size) = match symbols.get(&name) {
-                            Some(&(offset, size)) if size > 0 => (offset, size),
-                            Some(&(offset, _)) => (offset, type_size.unwrap_or(0)),
-                            None => (u64::from(var_info.offset()), var_info.size() as u64),
-                        };
-                        out.push(GlobalInfo {
-                            name,
-                            section: section.clone(),
-                            type_name,
-                            declared,
-                            size,
-                            offset,
-                        });
-                    }
+                for var in object_btf::datasec_vars(btf, section) {
+                    let (declared, type_name, type_size) = object_btf::describe(btf, var.type_id);
+                    let (offset, size) = match symbols.get(var.name) {
+                        Some(&(offset, size)) if size > 0 => (offset, size),
+                        Some(&(offset, _)) => (offset, type_size.unwrap_or(0)),
+                        None => (u64::from(var.offset), u64::from(var.size)),
+                    };
+                    out.push(GlobalInfo {
+                        name: var.name.to_owned(),
+                        section: section.clone(),
+                        type_name,
+                        declared,
+                        size,
+                        offset,
+                    });
                 }
             }
         }
@@ -718,143 +670,6 @@ fn globals(elf: &object::File<'_>, obj: &Object, btf: Option<&Btf>) -> Vec<Globa
     }
     out.sort_by(|a, b| (&a.section, a.offset, &a.name).cmp(&(&b.section, b.offset, &b.name)));
     out
-}
-
-/// `(declared, resolved, size)` of a BTF type: the type as written (qualifiers
-/// and the first typedef or base name), then what it is underneath typedefs and
-/// qualifiers.
-fn describe(btf: &Btf, ty: Type) -> (String, String, Option<u64>) {
-    let mut qualifiers: Vec<&str> = Vec::new();
-    let mut declared_name: Option<String> = None;
-    let mut ty = ty;
-    for _ in 0..MAX_TYPE_DEPTH {
-        let next = match &ty {
-            Type::Const(m) => {
-                qualifiers.push("const");
-                btf.resolve_chained_type(m)
-            }
-            Type::Volatile(m) => {
-                qualifiers.push("volatile");
-                btf.resolve_chained_type(m)
-            }
-            Type::Restrict(m) => btf.resolve_chained_type(m),
-            Type::TypeTag(t) => btf.resolve_chained_type(t),
-            Type::Typedef(t) => {
-                if declared_name.is_none() {
-                    declared_name = btf.resolve_name(t).ok();
-                }
-                btf.resolve_chained_type(t)
-            }
-            _ => break,
-        };
-        match next {
-            Ok(t) => ty = t,
-            Err(_) => {
-                return (
-                    join_declared(&qualifiers, "unknown"),
-                    "unknown".into(),
-                    None,
-                )
-            }
-        }
-    }
-    let resolved = resolve(btf, &ty, 0);
-    let name = declared_name.unwrap_or(resolved.c_name);
-    (
-        join_declared(&qualifiers, &name),
-        resolved.kind,
-        resolved.size,
-    )
-}
-
-fn join_declared(qualifiers: &[&str], name: &str) -> String {
-    let mut parts = qualifiers.to_vec();
-    parts.push(name);
-    parts.join(" ")
-}
-
-/// A qualifier-free type: what it is, its size, and its C spelling.
-struct Resolved {
-    kind: String,
-    size: Option<u64>,
-    c_name: String,
-}
-
-fn resolve(btf: &Btf, ty: &Type, depth: usize) -> Resolved {
-    let named = |kind: &str, t: &dyn btf_rs::BtfType| {
-        let name = btf.resolve_name(t).unwrap_or_default();
-        if name.is_empty() {
-            format!("{kind} (anon)")
-        } else {
-            format!("{kind} {name}")
-        }
-    };
-    let same = |kind: String, size: Option<u64>| Resolved {
-        c_name: kind.clone(),
-        kind,
-        size,
-    };
-    match ty {
-        Type::Int(i) => {
-            let size = i.size() as u64;
-            let kind = if i.is_bool() {
-                "bool".to_string()
-            } else {
-                format!("{}{}", if i.is_signed() { "i" } else { "u" }, size * 8)
-            };
-            Resolved {
-                c_name: btf.resolve_name(i).unwrap_or_else(|_| kind.clone()),
-                kind,
-                size: Some(size),
-            }
-        }
-        Type::Enum(e) => same(named("enum", e), Some(e.size() as u64)),
-        Type::Enum64(e) => same(named("enum", e), Some(e.size() as u64)),
-        Type::Struct(s) => same(named("struct", s), Some(s.size() as u64)),
-        Type::Union(u) => same(named("union", u), Some(u.size() as u64)),
-        Type::Fwd(f) => same(
-            named(if f.is_union() { "union" } else { "struct" }, f),
-            None,
-        ),
-        Type::Ptr(_) => same("pointer".into(), Some(8)),
-        Type::Float(f) => Resolved {
-            kind: format!("f{}", f.size() * 8),
-            size: Some(f.size() as u64),
-            c_name: btf.resolve_name(f).unwrap_or_default(),
-        },
-        Type::Void => same("void".into(), None),
-        Type::Array(a) if depth < MAX_TYPE_DEPTH => {
-            let elem = btf
-                .resolve_chained_type(a)
-                .map(|t| strip(btf, t))
-                .map(|t| resolve(btf, &t, depth + 1))
-                .unwrap_or_else(|_| same("unknown".into(), None));
-            let len = a.len() as u64;
-            Resolved {
-                kind: format!("{}[{len}]", elem.kind),
-                size: elem.size.and_then(|s| s.checked_mul(len)),
-                c_name: format!("{}[{len}]", elem.c_name),
-            }
-        }
-        _ => same("unknown".into(), None),
-    }
-}
-
-/// Typedefs and qualifiers off.
-fn strip(btf: &Btf, mut ty: Type) -> Type {
-    for _ in 0..MAX_TYPE_DEPTH {
-        let next = match &ty {
-            Type::Const(m) | Type::Volatile(m) | Type::Restrict(m) => btf.resolve_chained_type(m),
-            Type::TypeTag(t) => btf.resolve_chained_type(t),
-            Type::Typedef(t) => btf.resolve_chained_type(t),
-            _ => return ty,
-        };
-        match next {
-            Ok(t) => ty = t,
-            Err(_) => return ty,
-        }
-    }
-    ty
 }
 
 #[cfg(test)]

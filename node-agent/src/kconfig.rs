@@ -16,7 +16,7 @@
 //! zero. `LINUX_KERNEL_VERSION`, `LINUX_HAS_BPF_COOKIE` and `LINUX_HAS_SYSCALL_WRAPPER`
 //! come from the kernel; other weak `LINUX_*` names are zero.
 
-mod btf_raw;
+pub(crate) mod btf_raw;
 pub mod elf;
 pub mod system;
 

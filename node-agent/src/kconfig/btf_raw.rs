@@ -3,7 +3,7 @@
 //! Everything is bounds-checked: the bytes are untrusted.
 
 /// `BTF_KIND_*` numbers used here.
-pub(super) mod kind {
+pub(crate) mod kind {
     pub const INT: u32 = 1;
     pub const PTR: u32 = 2;
     pub const ARRAY: u32 = 3;
@@ -26,11 +26,11 @@ pub(super) mod kind {
 }
 
 /// `BTF_INT_*` encoding bits.
-pub(super) const INT_SIGNED: u32 = 1;
-pub(super) const INT_BOOL: u32 = 4;
+pub(crate) const INT_SIGNED: u32 = 1;
+pub(crate) const INT_BOOL: u32 = 4;
 /// `BTF_VAR_GLOBAL_ALLOCATED` and `BTF_VAR_GLOBAL_EXTERN`.
-pub(super) const VAR_GLOBAL: u32 = 1;
-pub(super) const VAR_EXTERN: u32 = 2;
+pub(crate) const VAR_GLOBAL: u32 = 1;
+pub(crate) const VAR_EXTERN: u32 = 2;
 
 const HEADER_MIN: usize = 24;
 const RECORD: usize = 12;
@@ -39,7 +39,7 @@ const MAX_DEPTH: usize = 32;
 
 /// One type record: its fields and where it starts in the BTF bytes.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Record {
+pub(crate) struct Record {
     /// Byte offset of the record in the whole BTF blob.
     pub at: usize,
     pub name_off: u32,
@@ -47,10 +47,12 @@ pub(super) struct Record {
     pub vlen: usize,
     /// `size` or `type`, by kind.
     pub size_or_type: u32,
+    /// The info word's kind flag (a FWD to a union; bitfield members).
+    pub kind_flag: bool,
 }
 
 /// A parsed view of raw BTF.
-pub(super) struct RawBtf<'a> {
+pub(crate) struct RawBtf<'a> {
     pub bytes: &'a [u8],
     pub hdr_len: usize,
     pub str_off: usize,
@@ -59,7 +61,7 @@ pub(super) struct RawBtf<'a> {
     pub records: Vec<Record>,
 }
 
-pub(super) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     let b = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
@@ -89,6 +91,7 @@ impl<'a> RawBtf<'a> {
             kind: 0,
             vlen: 0,
             size_or_type: 0,
+            kind_flag: false,
         }];
         let mut at = types_start;
         while at < types_end {
@@ -119,6 +122,7 @@ impl<'a> RawBtf<'a> {
                 kind,
                 vlen,
                 size_or_type,
+                kind_flag: info >> 31 != 0,
             });
             at = at + RECORD + extra;
         }
@@ -138,10 +142,16 @@ impl<'a> RawBtf<'a> {
         self.records.get(id as usize).filter(|_| id != 0)
     }
 
-    pub fn name(&self, name_off: u32) -> Option<&'a str> {
+    /// The string section (in bounds: checked by `parse`).
+    pub fn strings(&self) -> &'a [u8] {
         let start = self.hdr_len + self.str_off;
-        let strings = self.bytes.get(start..start + self.str_len)?;
-        let tail = strings.get(name_off as usize..)?;
+        self.bytes
+            .get(start..start + self.str_len)
+            .unwrap_or_default()
+    }
+
+    pub fn name(&self, name_off: u32) -> Option<&'a str> {
+        let tail = self.strings().get(name_off as usize..)?;
         let len = tail.iter().position(|&b| b == 0)?;
         std::str::from_utf8(&tail[..len]).ok()
     }
@@ -173,6 +183,6 @@ impl<'a> RawBtf<'a> {
 }
 
 /// The byte offset of DATASEC entry `n` of `record` (type, offset, size).
-pub(super) fn datasec_entry(record: &Record, n: usize) -> usize {
+pub(crate) fn datasec_entry(record: &Record, n: usize) -> usize {
     record.at + RECORD + n * 12
 }

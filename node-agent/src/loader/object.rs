@@ -19,7 +19,7 @@ use bpfpoly_crds::{
     state::ResolvedConfig,
 };
 
-use crate::inspect::{inspect_bytes, InspectError};
+use crate::inspect::{inspect_unhashed, InspectError};
 
 /// `BPF_MAP_TYPE_PROG_ARRAY`, by its bpftool name.
 pub const MAP_TYPE_PROG_ARRAY: &str = "prog_array";
@@ -231,7 +231,7 @@ pub enum ObjectError {
 /// Reads what `bytes` (an eBPF ELF object) holds: `crate::inspect`, which checks
 /// what the loader's parser takes on trust, then parses it as the loader will.
 pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
-    let inspected = catch_unwind(AssertUnwindSafe(|| inspect_bytes(bytes)))
+    let inspected = catch_unwind(AssertUnwindSafe(|| inspect_unhashed(bytes)))
         .map_err(|panic| ObjectError::Panicked(panic_message(&*panic)))??;
     Ok(ObjectInfo {
         programs: inspected
