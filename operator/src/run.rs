@@ -247,43 +247,52 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     tracing::info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
 
     let lease = if opts.leader_election {
-        // The API server may not be reachable yet (or restarting): retry rather than exit.
-        let manager = loop {
-            match kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &opts.lease_name)
-                .with_namespace(&opts.lease_namespace)
-                .with_identity(&opts.identity)
-                .with_duration(opts.lease_duration.as_secs().max(2))
-                .with_grace(2)
-                .build()
-                .await
-            {
-                Ok(m) => break m,
+        let elector = crate::leader::Elector::new(
+            client.clone(),
+            &opts.lease_namespace,
+            &opts.lease_name,
+            &opts.identity,
+            opts.lease_duration.max(Duration::from_secs(2)),
+        );
+        // A standby is healthy and ready: it only waits for the lease. (Otherwise the second
+        // replica never becomes Ready and rolling updates deadlock.)
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
+        let mut last_holder = None;
+        loop {
+            // The API server may not be reachable yet (or restarting): retry rather than exit.
+            match elector.try_acquire().await {
+                Ok(crate::leader::Attempt::Holding) => break,
+                Ok(crate::leader::Attempt::Standby { holder }) => {
+                    if !holder.is_empty() && last_holder.as_ref() != Some(&holder) {
+                        tracing::info!(%holder, "standing by: the lease is held");
+                        last_holder = Some(holder);
+                    }
+                    tokio::time::sleep(elector.poll_interval()).await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
             }
-        };
-        let (mut leader, task) = manager.watch().await;
-        // A standby is healthy and ready: it only waits for the lease. (Otherwise the second
-        // replica never becomes Ready and rolling updates deadlock.)
-        ready.store(true, Ordering::Relaxed);
-        tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
-        while !*leader.borrow_and_update() {
-            if leader.changed().await.is_err() {
-                return Err(RunError::Config("lease manager stopped".into()));
-            }
         }
         tracing::info!(identity = %opts.identity, "holding the lease: reconciling");
-        tokio::spawn(async move {
-            while leader.changed().await.is_ok() {
-                if !*leader.borrow() {
-                    tracing::error!("lost the lease: exiting so a standby takes over");
-                    std::process::exit(3);
+        let keeper = elector.clone();
+        let renewing = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(keeper.renew_interval()).await;
+                match keeper.try_acquire().await {
+                    Ok(crate::leader::Attempt::Holding) => {}
+                    Ok(crate::leader::Attempt::Standby { holder }) => {
+                        tracing::error!(%holder, "lost the lease: exiting so a standby takes over");
+                        std::process::exit(3);
+                    }
+                    // Nobody can take the lease while the API server is unreachable.
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the lease; still leading"),
                 }
             }
         });
-        Some(task)
+        Some((elector, renewing))
     } else {
         None
     };
@@ -391,8 +400,16 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         })
         .await;
     tracing::info!("shutting down");
-    if let Some(task) = lease {
-        task.abort();
+    if let Some((elector, renewing)) = lease {
+        // Hand the lease back, so a standby takes over now rather than when the term ends.
+        renewing.abort();
+        let _ = renewing.await;
+        match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+            Ok(Ok(true)) => tracing::info!(lease = %opts.lease_name, "released the lease"),
+            Ok(Ok(false)) => tracing::info!(lease = %opts.lease_name, "the lease was not ours any more"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it runs out by itself"),
+            Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
+        }
     }
     Ok(())
 }
