@@ -42,6 +42,7 @@ PROM_DIR = os.path.join(REPO, ".run", "node", "prometheus")
 NODE = "local"
 # Two veth pairs: programs attach to bpn0 and bpn2, frames are sent from bpn1 and bpn3.
 VETHS = [("bpn0", "bpn1"), ("bpn2", "bpn3")]
+VAR_LIB = "/var/lib/bpfpoly"
 
 
 CAP_BITS = {"NET_ADMIN": 12, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
@@ -391,6 +392,9 @@ class NodeScenario(unittest.TestCase):
     def setUpClass(cls):
         if os.geteuid() != 0:
             raise AssertionError("the node scenario loads eBPF programs and sends raw frames: run it as root")
+        # The chart's default agent.allowedBytecodeDirs, a DirectoryOrCreate hostPath: removed
+        # at the end if the Pods created it.
+        cls.var_lib_existed = os.path.exists(VAR_LIB)
         node = kjson("get", "node", NODE)
         ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
         if not ready or ready[0]["status"] != "True":
@@ -413,6 +417,8 @@ class NodeScenario(unittest.TestCase):
                 print(f"cleanup: helm uninstall: {e}")
         for a, _ in VETHS:
             subprocess.run(["ip", "link", "del", a], capture_output=True)
+        if not cls.var_lib_existed and os.path.isdir(VAR_LIB) and not os.listdir(VAR_LIB):
+            os.rmdir(VAR_LIB)
         # The agent's emptied bpffs root (directories only: a pin left there stays, and the
         # uninstall test has failed on it).
         if os.path.isdir(BPFFS):
@@ -695,7 +701,6 @@ class NodeScenario(unittest.TestCase):
         with open(os.path.join(REPO, "README.md")) as f:
             m = re.search(r"<!-- recipe: helm-install -->\s*```sh\n(.*?)```", f.read(), re.S)
         self.assertIsNotNone(m, "README.md has no `<!-- recipe: helm-install -->` shell block")
-        var_lib = os.path.exists("/var/lib/bpfpoly")  # the chart's default allowedBytecodeDirs
         type(self).installed = True
         t0 = time.time()
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", m.group(1)], cwd=REPO, capture_output=True,
@@ -715,8 +720,6 @@ class NodeScenario(unittest.TestCase):
             helm_cfg().uninstall(RELEASE, timeout=180, ignore_not_found=True)
             type(self).installed = False
             self.wait("the recipe's Pods gone", lambda: not pods(), timeout=120)
-            if not var_lib and os.path.isdir("/var/lib/bpfpoly") and not os.listdir("/var/lib/bpfpoly"):
-                os.rmdir("/var/lib/bpfpoly")
 
 
 if __name__ == "__main__":
