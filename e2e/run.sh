@@ -249,14 +249,16 @@ cmd_stop() {
     if kubectl get ns "$NS" >/dev/null 2>&1; then
       # The pre-delete hook deletes every BpfPolyProgram and waits until each is unloaded
       # from every node (the microVMs' too), before the operator and the agents go.
+      local t_un=$SECONDS
       python3 "$REPO/e2e/helm-release.py" uninstall "$RELEASE" "$NS" | sed 's/^/[bpfpoly] /' || rc=1
+      say "   helm uninstall: $((SECONDS - t_un)) s"
       # Deleted Pods are gone once their kubelet confirms: before the node goes down.
       local deadline=$((SECONDS + 90))
       while [ -n "$(kubectl get pods -n "$NS" -o name 2>/dev/null)" ] && [ $SECONDS -lt $deadline ]; do sleep 1; done
       if [ -n "$(kubectl get pods -n "$NS" -o name 2>/dev/null)" ]; then
         say "LEFT: Pods in $NS after 90 s: $(kubectl get pods -n "$NS" -o name | tr '\n' ' ')"; rc=1
       else
-        say "no Pods left in $NS"
+        say "no Pods left in $NS ($((SECONDS - t_un)) s after the uninstall began)"
       fi
     fi
   fi
