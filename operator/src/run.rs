@@ -240,6 +240,9 @@ fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
 /// Runs until SIGTERM/SIGINT, or until leadership is lost (then exits non-zero so the
 /// supervisor restarts it as a standby).
 pub async fn run(opts: Options) -> Result<(), RunError> {
+    // SIGTERM or SIGINT at any point (waiting for the lease, filling the caches, reconciling)
+    // ends the run through the same path, which hands the lease back.
+    let stop = shutdown_signal();
     let client = client(opts.kubeconfig.as_ref()).await?;
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -260,6 +263,10 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
         let mut last_holder = None;
         loop {
+            if stop.peek().is_some() {
+                tracing::info!("stopped while standing by");
+                return Ok(());
+            }
             // The API server may not be reachable yet (or restarting): retry rather than exit.
             match elector.try_acquire().await {
                 Ok(crate::leader::Attempt::Holding) => break,
@@ -268,11 +275,11 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
                         tracing::info!(%holder, "standing by: the lease is held");
                         last_holder = Some(holder);
                     }
-                    tokio::time::sleep(elector.poll_interval()).await;
+                    let _ = tokio::time::timeout(elector.poll_interval(), stop.clone()).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), stop.clone()).await;
                 }
             }
         }
@@ -372,33 +379,42 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         unload_timeout: opts.unload_timeout,
     });
 
-    for (what, ready) in [
-        ("nodes", nodes.wait_until_ready().await.is_ok()),
-        ("profiles", profiles.wait_until_ready().await.is_ok()),
-        ("states", states.wait_until_ready().await.is_ok()),
-    ] {
-        if !ready {
-            return Err(RunError::Config(format!(
-                "the {what} cache never became ready"
-            )));
-        }
-    }
-    tracing::info!(nodes = nodes.state().len(), "caches ready");
-    ready.store(true, Ordering::Relaxed);
-
-    tokio::spawn(crate::writer::run(ctx.clone()));
-    tokio::spawn(crate::writer::sweep_on_change(ctx.clone(), changed));
-
-    controller
-        .reconcile_all_on(rx)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile outcome");
+    let caches = async {
+        for (what, ready) in [
+            ("nodes", nodes.wait_until_ready().await.is_ok()),
+            ("profiles", profiles.wait_until_ready().await.is_ok()),
+            ("states", states.wait_until_ready().await.is_ok()),
+        ] {
+            if !ready {
+                return Err(RunError::Config(format!(
+                    "the {what} cache never became ready"
+                )));
             }
-        })
-        .await;
+        }
+        Ok(())
+    };
+    let stopped_early = tokio::select! {
+        r = caches => { r?; false }
+        () = stop.clone() => true,
+    };
+    if !stopped_early {
+        tracing::info!(nodes = nodes.state().len(), "caches ready");
+        ready.store(true, Ordering::Relaxed);
+
+        tokio::spawn(crate::writer::run(ctx.clone()));
+        tokio::spawn(crate::writer::sweep_on_change(ctx.clone(), changed));
+
+        controller
+            .reconcile_all_on(rx)
+            .graceful_shutdown_on(stop.clone())
+            .run(reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "reconcile outcome");
+                }
+            })
+            .await;
+    }
     tracing::info!("shutting down");
     if let Some((elector, renewing)) = lease {
         // Hand the lease back, so a standby takes over now rather than when the term ends.
@@ -412,4 +428,26 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         }
     }
     Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT (cloneable: every waiter sees the same signal).
+fn shutdown_signal() -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    use futures::FutureExt;
+    async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM; only SIGINT stops the operator");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("stop requested (signal)");
+    }
+    .boxed()
+    .shared()
 }
