@@ -7,7 +7,7 @@ CARGO ?= cargo
 RUN_DIR := $(CURDIR)/.run
 KUBECONFIG_LOCAL := $(RUN_DIR)/cluster/kubeconfig
 
-.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down node-up node-down node-test api-test test run stop e2e kernels bench fuzz chaos soak chart-test clean
+.PHONY: all deps build ebpf crds lint unit cluster-up cluster-down cluster-bare node-up node-down node-test api-test test run stop e2e kernels bench fuzz chaos soak chart-test clean
 
 all: build
 
@@ -37,37 +37,51 @@ lint:
 unit: ebpf
 	$(CARGO) test --workspace
 
-## cluster-up / cluster-down: the local etcd + kube-apiserver (Kubernetes 1.20 built from Debian's source)
+## cluster-up / cluster-down: the local single-node cluster, Kubernetes 1.20 built from Debian's
+## source: etcd + kube-apiserver on loopback, then containerd, the CNI bridge, the kubelet (node
+## `local`), kube-proxy, controller-manager and scheduler (e2e/node.sh). down stops all of it by
+## PID and removes what it made (containers, mounts, bridge, iptables rules).
 cluster-up:
 	bash e2e/cluster.sh up
+	bash e2e/node.sh up
 
 cluster-down:
 	bash e2e/node.sh down
 	bash e2e/cluster.sh down
 
-## node-up / node-down: a real node beside it (containerd, CNI bridge, kubelet, kube-proxy,
-## controller-manager, scheduler; Kubernetes 1.20 from the same source); down removes all it made
-node-up: cluster-up
+## cluster-bare: etcd + kube-apiserver only, no node: what api-test and chart-test run on (their
+## simulated Nodes and never-started Pods must not meet a kubelet or a controller-manager)
+cluster-bare:
+	@if bash e2e/node.sh running; then \
+	  echo "[bpfpoly] the local cluster has a kubelet node (make cluster-up or make run); the API and chart tests run on the bare API server: make cluster-down (or make stop) first" >&2; exit 1; fi
+	bash e2e/cluster.sh up
+
+## node-up / node-down: only the node half of cluster-up / cluster-down
+node-up:
+	bash e2e/cluster.sh up
 	bash e2e/node.sh up
 
 node-down:
 	bash e2e/node.sh down
 
-## api-test: tests against the real API server (starts the local one when KUBECONFIG is unset)
-api-test: cluster-up
+## api-test: tests against the real API server (the bare local one, started when it is not running)
+api-test: cluster-bare
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/api-test.sh
 
-## run: local control plane + operator + agents (this node, and Debian kernels in qemu microVMs:
-##      BPFPOLY_KERNELS, default "6.1"; e.g. BPFPOLY_KERNELS="5.10 6.12"), samples applied
+## run: the local cluster (cluster-up), the bpfpoly image built offline, the chart installed with
+##      the Helm SDK (operator and agent Pods on node `local`), Debian kernels in qemu microVMs as
+##      agent-only nodes (BPFPOLY_KERNELS, default "6.1"; e.g. BPFPOLY_KERNELS="5.10 6.12"),
+##      samples applied, what was chosen where and why
 run:
 	bash e2e/run.sh run
 
-## stop: stop what `make run` started (microVMs included), unload the programs, stop the control plane
+## stop: helm uninstall (unloads every program), microVMs off, node and control plane down; checks
+##       that no container, Pod, program, pin, iptables chain, bridge or qemu is left
 stop:
 	bash e2e/run.sh stop
 
 ## chart-test: Helm chart lint, render, schema, install/upgrade/uninstall and RBAC on the real API server
-chart-test: cluster-up
+chart-test: cluster-bare
 	KUBECONFIG=$${KUBECONFIG:-$(KUBECONFIG_LOCAL)} bash e2e/chart-test.sh
 
 ## bench: dispatch overhead, agent latencies, operator at scale, selection engine (writes BENCHMARKS figures)

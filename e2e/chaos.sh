@@ -22,9 +22,7 @@ export KUBECONFIG="${KUBECONFIG:-$REPO/.run/cluster/kubeconfig}"
 say() { echo "[bpfpoly] chaos: $*"; }
 mkdir -p "$REPO/.run/rel"
 started=0
-if ! [ -f "$REPO/.run/operator.pid" ] || ! kill -0 "$(cat "$REPO/.run/operator.pid")" 2>/dev/null; then
-  started=1
-fi
+bash "$REPO/e2e/run.sh" status || started=1
 bash "$REPO/e2e/run.sh" run >"$REPO/.run/rel/chaos-run.log" 2>&1 || { tail -40 "$REPO/.run/rel/chaos-run.log"; exit 1; }
 say "stack up"
 # The agent under test is a copy: a rebuild of target/release while it runs changes nothing.
@@ -39,9 +37,10 @@ fi
 say "SIGKILL, operator restart, API server and etcd outages"
 python3 "$REPO/e2e/chaos_test.py" || rc=1
 if [ $rc -ne 0 ]; then
-  for f in operator agent-local rel/agent-rel-node; do
-    [ -f "$REPO/.run/$f.log" ] && { echo "--- .run/$f.log (tail)"; tail -15 "$REPO/.run/$f.log"; }
+  for p in $(kubectl get pods -n bpfpoly-system -o name 2>/dev/null); do
+    echo "--- kubectl logs -n bpfpoly-system $p (tail)"; kubectl logs -n bpfpoly-system "$p" --tail 15 || true
   done
+  [ -f "$REPO/.run/rel/agent-rel-node.log" ] && { echo "--- .run/rel/agent-rel-node.log (tail)"; tail -15 "$REPO/.run/rel/agent-rel-node.log"; }
 fi
 say "done in $((SECONDS - t0)) s (report: target/chaos-report.json)"
 if [ $started = 1 ]; then bash "$REPO/e2e/run.sh" stop >/dev/null 2>&1 || true; fi

@@ -14,7 +14,8 @@ veth `brel0`) and the samples (their interfaces renamed to its own veths `brels0
      node `local`, and a simulated agent in this process reporting Loaded after a delay):
      canary first, at most maxUnavailable in flight, before and after the restart; every
      node reaches the new generation. The operator is the shared one (there can be only one
-     leader): it is SIGKILLed and started again with the same command line and pid file.
+     leader): the leading operator Pod's process is SIGKILLed (a crash: the Lease is not
+     released) and the kubelet restarts its container.
   3. Stop the API server for BPFPOLY_CHAOS_APISERVER_DOWN seconds (default 60): programs keep
      running (frames sent meanwhile are counted in the pinned map, read with bpftool);
      after it returns, a change converges through the operator and the agent (measured).
@@ -27,7 +28,6 @@ Numbers are printed and written to target/chaos-report.json.
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -46,10 +46,6 @@ PROGRAM = "rel-chaos"
 VETHS = [("brel0", "brel1"), ("brels0", "brels1"), ("brels2", "brels3")]
 ALIASES = ["bpfpoly0=brels0", "bpfpoly1=brels1", "bpfpoly2=brels2", "bpfpoly3=brels3"]
 REPORT = {}
-# The operator this file restarts logs here (run.sh truncates .run/operator.log when it
-# starts one, which would lose the log of one that died).
-OPERATOR_LOG = os.path.join(RUN, "rel", "operator.log")
-CHILDREN = []
 
 
 def log(msg):
@@ -580,8 +576,9 @@ class Chaos(unittest.TestCase):
     # ---------------------------------------------------------------------------------
     def _reconverge_after(self, what, stop_fn, start_fn, down_s):
         self.ensure_program()
-        op_pid = operator_pid()
-        op_cmd = operator_command(op_pid)
+        op_pod = leader_pod()
+        op_pid = operator_pid(op_pod)
+        restarts_before = pods_state()
         before = dispatch_count(PROGRAM)
         ids = program_status(PROGRAM)["programIds"]
         stop_fn()
@@ -600,12 +597,9 @@ class Chaos(unittest.TestCase):
         t_back = wait("the API server ready", api_ready, timeout=120, interval=0.1) and time.time()
         time.sleep(0.5)
         operator_survived = _alive(op_pid)
-        supervisor = None
         if not operator_survived:
-            # It exits when it cannot renew its Lease; in a cluster its Deployment restarts
-            # it. `make run` has no supervisor: this test plays that part, and says so.
-            log(f"{what}: the operator (pid {op_pid}) exited during the outage; restarting it")
-            supervisor = start_operator(op_cmd, f"it exited during the {what} outage")
+            # Its container is restarted by the kubelet (the operator's supervisor in a cluster).
+            log(f"{what}: the operator (Pod {op_pod}, pid {op_pid}) exited during the outage")
         # A change made right after it returns: the operator assigns, the agent loads, both report.
         current = kjson("bpp", PROGRAM)["spec"]["config"][0]["value"]
         set_count_bytes(PROGRAM, current != "true")
@@ -621,12 +615,13 @@ class Chaos(unittest.TestCase):
         t_change = time.time()
         wait(f"reconvergence after {what}", done, timeout=120, interval=0.1)
         t_conv = time.time()
-        alive = {n: _pid_alive(os.path.join(RUN, f"{n}.pid")) for n in ("operator", "agent-local")}
+        after = pods_state()
+        alive = {p: {"ready": r, "restarts": n - restarts_before.get(p, (False, n))[1]} for p, (r, n) in after.items()}
         result = {"down_s": round(t_back - t_down, 1), "operator_survived": operator_survived,
-                  "operator_restarted_by_test": supervisor, "frames_sent_while_down": sent,
+                  "frames_sent_while_down": sent,
                   "frames_counted_while_down": counted_during,
                   "reconverge_after_return_s": round(t_conv - t_back, 2),
-                  "change_to_converged_s": round(t_conv - t_change, 2), "shared_processes_alive": alive}
+                  "change_to_converged_s": round(t_conv - t_change, 2), "shared_pods": alive}
         log(f"{what}: {result}")
         return result
 
@@ -673,68 +668,64 @@ def _alive(pid):
         return False
 
 
-def _pid_alive(pidfile):
-    try:
-        with open(pidfile) as f:
-            os.kill(int(f.read().strip()), 0)
-        return True
-    except (OSError, ValueError):
-        return False
+NS = "bpfpoly-system"
 
 
-def operator_pid():
-    with open(os.path.join(RUN, "operator.pid")) as f:
-        return int(f.read().strip())
+def leader_pod():
+    lease = kjson("lease", "-n", NS, "bpfpoly-operator") or {}
+    return lease.get("spec", {}).get("holderIdentity") or ""
 
 
-def operator_command(pid):
-    """The running operator's command line, with a copy of its binary (the same code even
-    if target/release is rebuilt meanwhile)."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        cmd = [a.decode() for a in f.read().split(b"\0") if a]
-    exe = os.path.join(RUN, "rel", "bpfpoly-operator")
-    if not os.path.realpath(f"/proc/{pid}/exe").startswith(exe):
-        shutil.copyfile(f"/proc/{pid}/exe", exe + ".tmp")
-        os.chmod(exe + ".tmp", 0o755)
-        os.replace(exe + ".tmp", exe)
-    cmd[0] = exe
-    # Relative paths in it (e.g. the kubeconfig) are relative to where it ran.
-    return cmd, os.readlink(f"/proc/{pid}/cwd")
+def operator_pid(pod=None):
+    """The PID, on this machine, of the bpfpoly-operator process of the operator Pod `pod`
+    (default: the leader, the Lease's holder): found by its command line and the POD_NAME its
+    container's environment carries."""
+    pod = pod or leader_pod()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            if not cmd[0].endswith(b"bpfpoly-operator") or cmd[1:2] != [b"run"]:
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"POD_NAME={pod}".encode() in f.read().split(b"\0"):
+                    return int(pid)
+        except (OSError, IndexError):
+            continue
+    raise AssertionError(f"no bpfpoly-operator process of Pod {NS}/{pod} on this machine")
 
 
-def start_operator(command, why):
-    """Starts the operator of `make run` again (its pid file updated); returns when it holds
-    the Lease, with how long that took."""
-    t0 = time.time()
-    marker = f"===== {time.strftime('%H:%M:%S')} started by e2e/chaos_test.py: {why}\n"
-    with open(os.path.join(RUN, "operator.log"), "a") as f:
-        f.write(marker.rstrip() + f"; its log: {OPERATOR_LOG}\n")
-    logf = open(OPERATOR_LOG, "a")
-    logf.write(marker)
-    logf.flush()
-    cmd, cwd = command
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True)
-    CHILDREN.append(p)
-    logf.close()
-    with open(os.path.join(RUN, "operator.pid"), "w") as f:
-        f.write(str(p.pid))
-
-    def leading():
-        with open(OPERATOR_LOG, errors="replace") as f:
-            return "holding the lease" in f.read().split(marker)[-1]
-
-    # A standby waits for the Lease the dead one held; the log says when it leads.
-    wait("the operator holds the lease", leading, timeout=60, interval=0.2)
-    return {"new_pid": p.pid, "leading_after_s": round(time.time() - t0, 2)}
+def pods_state():
+    """Each operator and agent Pod of `make run`: (Ready, container restarts)."""
+    out = {}
+    for p in (kjson("pods", "-n", NS) or {}).get("items", []):
+        cs = p["status"].get("containerStatuses", [])
+        out[p["metadata"]["name"]] = (all(c["ready"] for c in cs) and bool(cs), sum(c["restartCount"] for c in cs))
+    return out
 
 
 def restart_operator():
-    """SIGKILLs the operator of `make run` and starts it again with the same command line."""
-    pid = operator_pid()
-    cmd = operator_command(pid)
+    """SIGKILLs the leading operator's process in its Pod (no release of the Lease: a crash).
+    The kubelet restarts the container, and whoever holds the Lease next (the restarted
+    container, which has the same identity, or the standby once the term runs out) leads;
+    returns when a live operator Pod holds it, with how long that took."""
+    pod = leader_pod()
+    pid = operator_pid(pod)
+    t0 = time.time()
     os.kill(pid, signal.SIGKILL)
     wait_pid_gone(pid)
-    return dict(start_operator(cmd, f"restart after SIGKILL of {pid}"), old_pid=pid)
+
+    def leading():
+        h = leader_pod()
+        return h and pods_state().get(h, (False, 0))[0] and h
+
+    # The killed container must have been restarted (or replaced) before it counts as leading.
+    wait("the killed operator's container restarted",
+         lambda: pods_state().get(pod, (True, 1))[1] >= 1 or pod not in pods_state(), timeout=60, interval=0.2)
+    holder = wait("a live operator Pod holding the Lease", leading, timeout=90, interval=0.2)
+    return {"old_pod": pod, "old_pid": pid, "new_leader": holder, "leading_after_s": round(time.time() - t0, 2)}
 
 
 class SimulatedAgents:

@@ -2,7 +2,9 @@
 # The local control plane: etcd + kube-apiserver 1.20 (built from Debian's source by
 # build-apiserver.sh) as host processes on 127.0.0.1. There is no kubelet, scheduler
 # or controller-manager here: Pods never run, and nothing garbage-collects ownerReferences
-# or finishes namespace deletion, until e2e/node.sh adds a real node (`make node-up`).
+# or finishes namespace deletion, until e2e/node.sh adds a real node. `make cluster-up` runs
+# both (this, then node.sh up: the full single-node cluster); this script alone is the bare
+# API server `make cluster-bare` starts for the API and chart tests.
 # The API server does not write the `kubernetes` Endpoints itself (its address, 127.0.0.1,
 # is not valid there); node.sh writes them with an address Pods can reach.
 #

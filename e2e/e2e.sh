@@ -6,9 +6,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 export KUBECONFIG="${KUBECONFIG:-$REPO/.run/cluster/kubeconfig}"
 [ "$(id -u)" = 0 ] || { echo "e2e loads eBPF programs: run it as root" >&2; exit 1; }
 started=0
-if ! [ -f "$REPO/.run/operator.pid" ] || ! kill -0 "$(cat "$REPO/.run/operator.pid")" 2>/dev/null; then
-  started=1
-fi
+mkdir -p "$REPO/.run"
+bash "$REPO/e2e/run.sh" status || started=1
 bash "$REPO/e2e/run.sh" run >"$REPO/.run/e2e-run.log" 2>&1 || { tail -40 "$REPO/.run/e2e-run.log"; exit 1; }
 echo "[bpfpoly] e2e: stack up (make run output in .run/e2e-run.log)"
 rc=0
@@ -20,7 +19,11 @@ python3 "$REPO/e2e/e2e_test.py" || rc=$?
 # Prometheus scrapes the stack; every dashboard query runs against it.
 [ $rc -ne 0 ] || bash "$REPO/e2e/prometheus.sh" || rc=$?
 if [ $rc -ne 0 ]; then
-  for f in operator agent-local kernels/6.1/console; do echo "--- .run/$f.log (tail)"; tail -15 "$REPO/.run/$f.log"; done
+  # The Pods' logs (the leader's and the agent's), then the microVM's console.
+  leader=$(kubectl get lease -n bpfpoly-system bpfpoly-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+  [ -z "$leader" ] || { echo "--- kubectl logs -n bpfpoly-system $leader (tail)"; kubectl logs -n bpfpoly-system "$leader" --tail 15 || true; }
+  echo "--- kubectl logs -n bpfpoly-system ds/bpfpoly-agent (tail)"; kubectl logs -n bpfpoly-system ds/bpfpoly-agent --tail 15 || true
+  echo "--- .run/kernels/6.1/console.log (tail)"; tail -15 "$REPO/.run/kernels/6.1/console.log" || true
 fi
 if [ $started = 1 ]; then bash "$REPO/e2e/run.sh" stop >/dev/null 2>&1 || true; fi
 exit $rc

@@ -1,6 +1,10 @@
-"""End-to-end scenarios on the real stack that `make run` starts: kube-apiserver + etcd,
-the operator, the agent for this node (`local`, this machine's kernel) and node `debian-6-1`,
-Debian's real 6.1 kernel in a qemu microVM with its own agent (e2e/kernels/vm.sh).
+"""End-to-end scenarios on the real stack that `make run` starts: the local cluster with the
+real kubelet node `local` (this machine's kernel), the chart installed with the Helm SDK (the
+operator Deployment and the agent DaemonSet as Pods), and node `debian-6-1`, Debian's real 6.1
+kernel in a qemu microVM with its own agent (e2e/kernels/vm.sh).
+
+The agent Pod runs on the host network (its /metrics on 127.0.0.1); the leading operator's
+/metrics are read at its Pod IP on the node's bridge (the Lease names the leader).
 
 Each scenario asserts the API objects (kubectl), the kernel state (bpftool) and /metrics.
 Run by `make e2e` (e2e/e2e.sh), as root.
@@ -18,9 +22,8 @@ import unittest
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(REPO, "target", "release")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release")
 AGENT_METRICS = f"http://127.0.0.1:{os.environ.get('BPFPOLY_AGENT_METRICS_PORT', '9464')}/metrics"
-OPERATOR_METRICS = f"http://127.0.0.1:{os.environ.get('BPFPOLY_OPERATOR_METRICS_PORT', '9465')}/metrics"
 # Node debian-6-1: the microVM's agent, through its hostfwd (vm.sh: BASE + index of 6.1).
 OLD_NODE = "debian-6-1"
 OLD_METRICS = f"http://127.0.0.1:{int(os.environ.get('BPFPOLY_VM_METRICS_BASE', '9470')) + 1}/metrics"
@@ -36,6 +39,13 @@ def sh(*args, check=True, stdin=None):
 
 def kubectl_json(*args):
     return json.loads(sh("kubectl", *args, "-o", "json"))
+
+
+def operator_metrics_url():
+    """The leading operator Pod's /metrics: the Lease's holder, at its Pod IP."""
+    leader = kubectl_json("get", "lease", "-n", "bpfpoly-system", "bpfpoly-operator")["spec"]["holderIdentity"]
+    ip = kubectl_json("get", "pod", "-n", "bpfpoly-system", leader)["status"]["podIP"]
+    return f"http://{ip}:9465/metrics"
 
 
 def apply(doc):
@@ -205,7 +215,7 @@ class Scenarios(unittest.TestCase):
         self.assertEqual(metric(metrics(), "bpfpoly_program_info", program="classifier-config-fallback", variant="xdp-modern"), 1)
         self.assertEqual(metric(metrics(OLD_METRICS), "bpfpoly_program_info", program="classifier-config-fallback", variant="tc-legacy"), 1)
         # Both agents' own status is believed: nothing ignored as written by someone else.
-        op = metrics(OPERATOR_METRICS)
+        op = metrics(operator_metrics_url())
         self.assertEqual(metric(op, "bpfpoly_ignored_node_status", kind="state"), 0)
         self.assertEqual(metric(op, "bpfpoly_ignored_node_status", kind="profile"), 0)
 

@@ -22,8 +22,9 @@ export BPFPOLY_NODE_METRICS_PORT="${BPFPOLY_NODE_METRICS_PORT:-28464}"
 export BPFPOLY_NODE_BPFFS="${BPFPOLY_NODE_BPFFS:-/sys/fs/bpf/bpfpoly-node}"
 export KUBECONFIG="$REPO/.run/cluster/kubeconfig"
 
-if [[ -s $REPO/.run/agent-local.pid ]] && kill -0 "$(<"$REPO/.run/agent-local.pid")" 2>/dev/null; then
-    die "make run's host agent for node local is running: make stop first (the kubelet node is also 'local')"
+# make run's release is this scenario's release (bpfpoly in bpfpoly-system) on the same node.
+if bash "$HERE/run.sh" status >/dev/null 2>&1; then
+    die "make run's stack is running (release bpfpoly in bpfpoly-system on node local): make stop first"
 fi
 started=0
 bash "$HERE/node.sh" status >/dev/null 2>&1 || started=1

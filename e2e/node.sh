@@ -11,6 +11,7 @@
 #                             rules, the sysctls the kubelet and kube-proxy changed (restored), the
 #                             host paths it created; the Node object is deleted
 #   bash e2e/node.sh status   what runs (exit 0 when the node is Ready)
+#   bash e2e/node.sh running  exit 0 when any process `up` started still runs (quiet)
 #   bash e2e/node.sh ctr ARGS ctr against this containerd (namespace k8s.io)
 #
 # Networking stays on this machine: Pods get addresses of $POD_CIDR on the bridge $BRIDGE
@@ -36,6 +37,7 @@ BRIDGE="${BPFPOLY_NODE_BRIDGE:-bpncni0}"
 POD_NET="${BPFPOLY_POD_NET:-10.203.0}" # a /24: .1 is the bridge, Pods get .2-.254
 POD_CIDR="$POD_NET.0/24"
 GATEWAY="$POD_NET.1"
+SERVICE_CIDR=10.0.0.0/24 # cluster.sh's --service-cluster-ip-range
 NODE_NAME=local
 PAUSE_IMAGE=bpfpoly.local/pause:3.4.1
 SOCK="$RUN/containerd/containerd.sock"
@@ -272,9 +274,6 @@ check_host() {
         [[ -z $foreign ]] || die "iptables already has KUBE-/CNI- chains this script did not make (another Kubernetes node?): $(echo "$foreign" | tr '\n' ' ')"
         : >"$RUN/iptables-before"
     fi
-    if [[ -s $REPO/.run/agent-local.pid ]] && kill -0 "$(<"$REPO/.run/agent-local.pid")" 2>/dev/null; then
-        die "make run's host agent for node $NODE_NAME is running (.run/agent-local.pid): make stop first"
-    fi
     if pgrep -x kubelet >/dev/null 2>&1 && [[ -z $(our_pid kubelet) ]]; then
         die "another kubelet runs on this machine (pid $(pgrep -x kubelet | head -n 1))"
     fi
@@ -303,6 +302,15 @@ setup_bridge() {
     fi
     ip addr replace "$GATEWAY/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
+    # Service addresses are rewritten by kube-proxy's nat rules only after the kernel has
+    # routed the packet: a host (or network namespace) without a default route, where the
+    # host-network agent's connect to the `kubernetes` Service would fail with "network
+    # unreachable", gets a route for the service range onto the bridge (removed at down).
+    if ! ip route get "${SERVICE_CIDR%.*/*}.1" >/dev/null 2>&1; then
+        log "no route to the service range $SERVICE_CIDR: routing it onto $BRIDGE"
+        ip route replace "$SERVICE_CIDR" dev "$BRIDGE"
+        touch "$RUN/service-route"
+    fi
 }
 
 # The `kubernetes` Service's endpoint: $GATEWAY:$API_PORT, relayed to the API server.
@@ -547,6 +555,10 @@ cmd_down() {
     stop_daemon api-relay
     unmount_under "$RUN/"
     remove_iptables
+    if [[ -e $RUN/service-route ]]; then
+        ip route del "$SERVICE_CIDR" dev "$BRIDGE" 2>/dev/null || true
+        rm -f "$RUN/service-route"
+    fi
     if [[ -e $RUN/bridge ]]; then
         ip link del "$BRIDGE" 2>/dev/null || true
         rm -f "$RUN/bridge"
@@ -572,10 +584,19 @@ cmd_status() {
     return $rc
 }
 
+cmd_running() {
+    local c
+    for c in containerd api-relay "${COMPONENTS[@]}"; do
+        [[ -z $(our_pid "$c") ]] || return 0
+    done
+    return 1
+}
+
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    running) cmd_running ;;
     ctr) shift; ctr_ "$@" ;;
-    *) die "usage: $0 up | down | status | ctr ARGS..." ;;
+    *) die "usage: $0 up | down | status | running | ctr ARGS..." ;;
 esac

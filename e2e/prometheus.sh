@@ -16,21 +16,18 @@ export KUBECONFIG="${KUBECONFIG:-$RUN/cluster/kubeconfig}"
 say() { echo "[bpfpoly] prometheus: $*"; }
 [ "$(id -u)" = 0 ] || { echo "the Prometheus checks need the stack, which loads eBPF programs: run as root" >&2; exit 1; }
 
-# The endpoints `e2e/run.sh run` starts (node name = the agent's --node-name).
+# The endpoints of the `e2e/run.sh run` stack: the agent Pod of node local (host network),
+# node debian-6-1 (Debian's 6.1 kernel in a microVM, e2e/kernels/vm.sh: its agent's /metrics
+# through the VM's hostfwd on loopback), the leading operator Pod (its Pod IP, found below).
 AGENT_LOCAL=127.0.0.1:${BPFPOLY_AGENT_METRICS_PORT:-9464}
-# Node debian-6-1: Debian's 6.1 kernel in a microVM (e2e/kernels/vm.sh), its agent's
-# /metrics through the VM's hostfwd on loopback.
 AGENT_OLD=127.0.0.1:$((${BPFPOLY_VM_METRICS_BASE:-9470} + 1))
-OPERATOR=127.0.0.1:${BPFPOLY_OPERATOR_METRICS_PORT:-9465}
-
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   bash "$REPO/e2e/install-deps.sh"
 fi
 
 started=0
-pid_alive "$RUN/operator.pid" || started=1
+bash "$REPO/e2e/run.sh" status || started=1
 prom_pid=
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
@@ -49,11 +46,14 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if [ $started = 1 ] || ! pid_alive "$RUN/agent-local.pid"; then
+if [ $started = 1 ]; then
   mkdir -p "$RUN"
   say "starting the stack (make run output in .run/prometheus-run.log)"
   bash "$REPO/e2e/run.sh" run >"$RUN/prometheus-run.log" 2>&1 || { tail -40 "$RUN/prometheus-run.log"; exit 1; }
 fi
+OPERATOR=$(bash "$REPO/e2e/run.sh" endpoints | awk '$1 == "operator" {sub("^http://", "", $2); sub("/metrics$", "", $2); print $2}')
+[ -n "$OPERATOR" ] || { say "FAIL: no operator Pod holds the Lease"; exit 1; }
+export BPFPOLY_OPERATOR_METRICS_ADDR=$OPERATOR
 
 # 1. promtool on each endpoint's exposition. Exit codes: 0 clean, 3 lint findings, else error.
 rc=0
@@ -91,10 +91,10 @@ mkdir -p "$PROM_DIR"
 rm -rf "$PROM_DIR/data"   # a fresh TSDB: no samples of a previous run within the lookback
 # Labels as the chart's PodMonitor produces them: job = app.kubernetes.io/component (its
 # jobLabel), `component` from the same pod label, `node` from the pod's node name, and for
-# agents `instance` = the node name (no `pod`). The operator runs on this machine, node
-# `local` (with the PodMonitor: the node of its pod).
+# agents `instance` = the node name (no `pod`). The operator Pod runs on node `local` (with
+# the PodMonitor: the node of its pod; its instance is its address, as here).
 cat >"$PROM_DIR/prometheus.yml" <<EOF
-# Written by e2e/prometheus.sh; scrapes the stack of e2e/run.sh on loopback.
+# Written by e2e/prometheus.sh; scrapes the stack of e2e/run.sh (loopback and the leader's Pod IP).
 global:
   scrape_interval: 1s
   scrape_timeout: 1s

@@ -1,7 +1,7 @@
 """The Grafana dashboard's queries against a real Prometheus scraping the real stack.
 
 Run by e2e/prometheus.sh (which starts Prometheus on loopback, scraping both agents and the
-operator every second with the labels the chart's PodMonitor gives them) as root, after the
+leading operator Pod every second with the labels the chart's PodMonitor gives them) as root, after the
 end-to-end scenarios. PROMETHEUS_URL says where Prometheus is.
 
 What it checks:
@@ -46,11 +46,12 @@ TARGETS = {  # instance -> (job, node), as e2e/prometheus.sh writes them (an age
     # is its node, as the chart's PodMonitor sets it)
     "local": ("agent", "local"),
     "debian-6-1": ("agent", "debian-6-1"),
-    f"127.0.0.1:{os.environ.get('BPFPOLY_OPERATOR_METRICS_PORT', '9465')}": ("operator", "local"),
+    # The leading operator Pod, at its Pod IP on the node's bridge (e2e/prometheus.sh).
+    os.environ["BPFPOLY_OPERATOR_METRICS_ADDR"]: ("operator", "local"),
 }
-ENDPOINTS = [f"127.0.0.1:{os.environ.get('BPFPOLY_AGENT_METRICS_PORT', '9464')}",  # what e2e/run.sh serves
+ENDPOINTS = [f"127.0.0.1:{os.environ.get('BPFPOLY_AGENT_METRICS_PORT', '9464')}",  # the agent Pod (host network)
              f"127.0.0.1:{int(os.environ.get('BPFPOLY_VM_METRICS_BASE', '9470')) + 1}",  # debian-6-1 (microVM)
-             f"127.0.0.1:{os.environ.get('BPFPOLY_OPERATOR_METRICS_PORT', '9465')}"]
+             os.environ["BPFPOLY_OPERATOR_METRICS_ADDR"]]
 SAMPLES = ["exec-tracer", "packet-classifier", "rejected-variant", "classifier-config-fallback"]
 # Grafana's built-in variables, as the brief fixes them for a 1 s scrape interval.
 BUILTINS = {"__rate_interval": "1m", "__range": "5m", "__interval": "15s",

@@ -10,9 +10,7 @@ export KUBECONFIG="${KUBECONFIG:-$REPO/.run/cluster/kubeconfig}"
 [ "$(id -u)" = 0 ] || { echo "the soak loads eBPF programs: run it as root" >&2; exit 1; }
 mkdir -p "$REPO/.run/rel"
 started=0
-if ! [ -f "$REPO/.run/operator.pid" ] || ! kill -0 "$(cat "$REPO/.run/operator.pid")" 2>/dev/null; then
-  started=1
-fi
+bash "$REPO/e2e/run.sh" status || started=1
 bash "$REPO/e2e/run.sh" run >"$REPO/.run/rel/soak-run.log" 2>&1 || { tail -40 "$REPO/.run/rel/soak-run.log"; exit 1; }
 # The agent under test is a copy: a rebuild of target/release while it runs changes nothing.
 cp -f "$REPO/target/release/bpfpoly-agent" "$REPO/.run/rel/bpfpoly-agent"

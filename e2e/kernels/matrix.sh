@@ -13,7 +13,7 @@ if [ "${BPFPOLY_SKIP_PRIVILEGED:-}" = 1 ]; then
   exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "[bpfpoly] kernels: the matrix loads eBPF programs and boots microVMs: run it as root" >&2; exit 1; }
-if [ -f "$REPO/.run/operator.pid" ] && kill -0 "$(cat "$REPO/.run/operator.pid")" 2>/dev/null; then
+if bash "$REPO/e2e/run.sh" status; then
   echo "[bpfpoly] kernels: a \`make run\` stack is running; \`make stop\` first (the matrix starts its own with every kernel)" >&2
   exit 1
 fi
@@ -40,7 +40,8 @@ else
 fi
 if [ $rc -ne 0 ]; then
   for k in $BPFPOLY_KERNELS; do echo "--- .run/kernels/$k/console.log (tail)"; tail -12 "$REPO/.run/kernels/$k/console.log" 2>/dev/null || true; done
-  echo "--- .run/operator.log (tail)"; tail -12 "$REPO/.run/operator.log" 2>/dev/null || true
+  leader=$(kubectl get lease -n bpfpoly-system bpfpoly-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+  [ -z "$leader" ] || { echo "--- kubectl logs -n bpfpoly-system $leader (tail)"; kubectl logs -n bpfpoly-system "$leader" --tail 12 2>/dev/null || true; }
 fi
 bash "$REPO/e2e/run.sh" stop >"$REPO/.run/matrix-stop.log" 2>&1 || { cat "$REPO/.run/matrix-stop.log"; rc=1; }
 if pgrep -f "qemu-system-x86_64 .*$REPO/.run/kernels/" >/dev/null; then

@@ -189,7 +189,7 @@ fn main() -> ExitCode {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info,kube_lease_manager=warn".into()),
+                        .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
             let metrics_addr = match parse_addr(&metrics_addr) {

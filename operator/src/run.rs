@@ -240,6 +240,9 @@ fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
 /// Runs until SIGTERM/SIGINT, or until leadership is lost (then exits non-zero so the
 /// supervisor restarts it as a standby).
 pub async fn run(opts: Options) -> Result<(), RunError> {
+    // SIGTERM or SIGINT at any point (waiting for the lease, filling the caches, reconciling)
+    // ends the run through the same path, which hands the lease back.
+    let stop = shutdown_signal();
     let client = client(opts.kubeconfig.as_ref()).await?;
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -247,43 +250,56 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     tracing::info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
 
     let lease = if opts.leader_election {
-        // The API server may not be reachable yet (or restarting): retry rather than exit.
-        let manager = loop {
-            match kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &opts.lease_name)
-                .with_namespace(&opts.lease_namespace)
-                .with_identity(&opts.identity)
-                .with_duration(opts.lease_duration.as_secs().max(2))
-                .with_grace(2)
-                .build()
-                .await
-            {
-                Ok(m) => break m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            }
-        };
-        let (mut leader, task) = manager.watch().await;
+        let elector = crate::leader::Elector::new(
+            client.clone(),
+            &opts.lease_namespace,
+            &opts.lease_name,
+            &opts.identity,
+            opts.lease_duration.max(Duration::from_secs(2)),
+        );
         // A standby is healthy and ready: it only waits for the lease. (Otherwise the second
         // replica never becomes Ready and rolling updates deadlock.)
         ready.store(true, Ordering::Relaxed);
         tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
-        while !*leader.borrow_and_update() {
-            if leader.changed().await.is_err() {
-                return Err(RunError::Config("lease manager stopped".into()));
+        let mut last_holder = None;
+        loop {
+            if stop.peek().is_some() {
+                tracing::info!("stopped while standing by");
+                return Ok(());
+            }
+            // The API server may not be reachable yet (or restarting): retry rather than exit.
+            match elector.try_acquire().await {
+                Ok(crate::leader::Attempt::Holding) => break,
+                Ok(crate::leader::Attempt::Standby { holder }) => {
+                    if !holder.is_empty() && last_holder.as_ref() != Some(&holder) {
+                        tracing::info!(%holder, "standing by: the lease is held");
+                        last_holder = Some(holder);
+                    }
+                    let _ = tokio::time::timeout(elector.poll_interval(), stop.clone()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), stop.clone()).await;
+                }
             }
         }
         tracing::info!(identity = %opts.identity, "holding the lease: reconciling");
-        tokio::spawn(async move {
-            while leader.changed().await.is_ok() {
-                if !*leader.borrow() {
-                    tracing::error!("lost the lease: exiting so a standby takes over");
-                    std::process::exit(3);
+        let keeper = elector.clone();
+        let renewing = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(keeper.renew_interval()).await;
+                match keeper.try_acquire().await {
+                    Ok(crate::leader::Attempt::Holding) => {}
+                    Ok(crate::leader::Attempt::Standby { holder }) => {
+                        tracing::error!(%holder, "lost the lease: exiting so a standby takes over");
+                        std::process::exit(3);
+                    }
+                    // Nobody can take the lease while the API server is unreachable.
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the lease; still leading"),
                 }
             }
         });
-        Some(task)
+        Some((elector, renewing))
     } else {
         None
     };
@@ -363,36 +379,75 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         unload_timeout: opts.unload_timeout,
     });
 
-    for (what, ready) in [
-        ("nodes", nodes.wait_until_ready().await.is_ok()),
-        ("profiles", profiles.wait_until_ready().await.is_ok()),
-        ("states", states.wait_until_ready().await.is_ok()),
-    ] {
-        if !ready {
-            return Err(RunError::Config(format!(
-                "the {what} cache never became ready"
-            )));
+    let caches = async {
+        for (what, ready) in [
+            ("nodes", nodes.wait_until_ready().await.is_ok()),
+            ("profiles", profiles.wait_until_ready().await.is_ok()),
+            ("states", states.wait_until_ready().await.is_ok()),
+        ] {
+            if !ready {
+                return Err(RunError::Config(format!(
+                    "the {what} cache never became ready"
+                )));
+            }
+        }
+        Ok(())
+    };
+    let stopped_early = tokio::select! {
+        r = caches => { r?; false }
+        () = stop.clone() => true,
+    };
+    if !stopped_early {
+        tracing::info!(nodes = nodes.state().len(), "caches ready");
+        ready.store(true, Ordering::Relaxed);
+
+        tokio::spawn(crate::writer::run(ctx.clone()));
+        tokio::spawn(crate::writer::sweep_on_change(ctx.clone(), changed));
+
+        controller
+            .reconcile_all_on(rx)
+            .graceful_shutdown_on(stop.clone())
+            .run(reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "reconcile outcome");
+                }
+            })
+            .await;
+    }
+    tracing::info!("shutting down");
+    if let Some((elector, renewing)) = lease {
+        // Hand the lease back, so a standby takes over now rather than when the term ends.
+        renewing.abort();
+        let _ = renewing.await;
+        match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+            Ok(Ok(true)) => tracing::info!(lease = %opts.lease_name, "released the lease"),
+            Ok(Ok(false)) => tracing::info!(lease = %opts.lease_name, "the lease was not ours any more"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it runs out by itself"),
+            Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
         }
     }
-    tracing::info!(nodes = nodes.state().len(), "caches ready");
-    ready.store(true, Ordering::Relaxed);
-
-    tokio::spawn(crate::writer::run(ctx.clone()));
-    tokio::spawn(crate::writer::sweep_on_change(ctx.clone(), changed));
-
-    controller
-        .reconcile_all_on(rx)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "reconcile outcome");
-            }
-        })
-        .await;
-    tracing::info!("shutting down");
-    if let Some(task) = lease {
-        task.abort();
-    }
     Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT (cloneable: every waiter sees the same signal).
+fn shutdown_signal() -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    use futures::FutureExt;
+    async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM; only SIGINT stops the operator");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("stop requested (signal)");
+    }
+    .boxed()
+    .shared()
 }

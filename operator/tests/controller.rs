@@ -549,3 +549,62 @@ async fn a_standby_takes_over_within_the_lease_duration() {
         "takeover took {took:?}, lease is 4 s (+ grace and polling)"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs the real API server: run `make api-test`"]
+async fn a_leader_stopped_with_sigterm_hands_the_lease_to_the_standby_at_once() {
+    let c = client().await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.clone(), "default");
+    let lease = "bpfpoly-test-lease-release";
+    let _ = leases.delete(lease, &DeleteParams::default()).await;
+    // A long term: a takeover well inside it can only come from the release.
+    let args = ["--lease-name", lease, "--lease-seconds", "30"];
+    let mut a = Operator::start(19478, &[&args[..], &["--identity", "replica-a"]].concat());
+    let spec = |c: Api<k8s_openapi::api::coordination::v1::Lease>| async move {
+        c.get_opt(lease).await.unwrap().and_then(|l| l.spec)
+    };
+    wait_for("replica-a leads", 20, || async {
+        spec(leases.clone())
+            .await
+            .and_then(|s| s.holder_identity)
+            .filter(|h| h == "replica-a")
+    })
+    .await;
+    let _b = Operator::start(19479, &[&args[..], &["--identity", "replica-b"]].concat());
+    // The standby is up (serving /healthz) before the leader goes.
+    wait_for("replica-b serving", 20, || async {
+        std::net::TcpStream::connect("127.0.0.1:19479").ok()
+    })
+    .await;
+    let transitions = spec(leases.clone()).await.and_then(|s| s.lease_transitions);
+    let pid = a.0.id().to_string();
+    let sent = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("replica-b takes over", 10, || async {
+        spec(leases.clone())
+            .await
+            .and_then(|s| s.holder_identity)
+            .filter(|h| h == "replica-b")
+    })
+    .await;
+    let took = sent.elapsed();
+    let status = a.0.wait().unwrap();
+    assert!(status.success(), "replica-a exits cleanly on SIGTERM: {status:?}");
+    let log = std::fs::read_to_string(Operator::log_path(19478)).unwrap();
+    assert!(log.contains("released the lease"), "replica-a logs the release:\n{log}");
+    assert_eq!(
+        spec(leases.clone()).await.and_then(|s| s.lease_transitions),
+        transitions.map(|t| t + 1),
+        "one transition"
+    );
+    println!("leader SIGTERM -> standby holds the lease after {took:?} (term 30 s)");
+    assert!(
+        took <= Duration::from_secs(3),
+        "takeover took {took:?}: the released lease is taken at the standby's next poll (1 s)"
+    );
+}
