@@ -6,6 +6,7 @@ pub mod controller;
 pub mod explain;
 pub mod facts;
 pub mod intern;
+pub mod liveness;
 pub mod metrics;
 pub mod preflight;
 pub mod rollout;
