@@ -8,6 +8,11 @@
 //! longer counts as running. A node with no Lease at all is lost once the operator has run
 //! that long. The Lease also names the kernel boot; a report from another boot is stale
 //! (a reboot took its programs with it). The judgement itself ([`judge`]) is pure.
+//!
+//! While the operator cannot watch the Leases (the API server is down or unreachable), it is
+//! blind, not the agents silent: the clock stops for the judgement, and the blind time is
+//! added to every last renewal once the watch is back, so an outage of the control plane
+//! does not mark every node lost when it ends.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -105,7 +110,9 @@ pub struct Liveness {
     pub lost_after: Duration,
     /// Namespace of the Leases.
     pub namespace: String,
-    started: (Instant, Timestamp),
+    started: Mutex<(Instant, Timestamp)>,
+    /// Since when the Lease watch has been broken, if it is.
+    blind_since: Mutex<Option<Instant>>,
     seen: Mutex<HashMap<String, Seen>>,
     /// Per node, the start of its last loss episode (for the NodeReturned Event).
     losses: Mutex<HashMap<String, Timestamp>>,
@@ -117,7 +124,8 @@ impl Liveness {
         Self {
             lost_after,
             namespace: namespace.to_string(),
-            started: (Instant::now(), Timestamp::now()),
+            started: Mutex::new((Instant::now(), Timestamp::now())),
+            blind_since: Mutex::default(),
             seen: Mutex::default(),
             losses: Mutex::default(),
         }
@@ -170,6 +178,46 @@ impl Liveness {
         interesting
     }
 
+    /// The Lease watch broke (the API server is unreachable): time stops for the judgement.
+    pub fn blind(&self) {
+        let mut b = self
+            .blind_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.get_or_insert_with(Instant::now);
+    }
+
+    /// The Lease watch has listed again: the blind time is added to every last renewal.
+    pub fn resynced(&self) {
+        let Some(since) = self
+            .blind_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let blind = now.saturating_duration_since(since);
+        for s in self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values_mut()
+        {
+            s.at = (s.at + blind).min(now);
+        }
+        let mut started = self
+            .started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        started.0 = (started.0 + blind).min(now);
+        tracing::info!(
+            blind_s = blind.as_secs(),
+            "agent Lease watch back: liveness resumes"
+        );
+    }
+
     /// Forgets a deleted Lease.
     pub fn forget(&self, lease: &Lease) {
         if let Some(node) = lease_node(lease) {
@@ -182,6 +230,15 @@ impl Liveness {
 
     /// What is believed about `node`'s agent now.
     pub fn agent(&self, node: &str) -> Agent {
+        let now = self
+            .blind_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(Instant::now);
+        let started = *self
+            .started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let seen = self
             .seen
             .lock()
@@ -190,8 +247,8 @@ impl Liveness {
             node,
             &self.namespace,
             seen.get(node),
-            self.started,
-            Instant::now(),
+            started,
+            now,
             self.lost_after,
         )
     }

@@ -242,9 +242,15 @@ async fn watch_leases(
                 liveness.forget(&l);
                 true
             }
-            Ok(watcher::Event::InitDone) => true,
+            Ok(watcher::Event::InitDone) => {
+                liveness.resynced();
+                true
+            }
             Ok(watcher::Event::Init) => false,
             Err(e) => {
+                // Blind, not silent agents: the clock stops for the judgement until the
+                // watch has listed again.
+                liveness.blind();
                 tracing::warn!(error = %e, "agent Lease watch error; retrying");
                 false
             }
