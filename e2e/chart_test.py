@@ -120,6 +120,9 @@ AGENT_CLUSTER_RULES = {
     ("", "nodes"): {"get"},
 }
 EVENTS_RULES = {("events.k8s.io", "events"): {"create", "patch"}}
+LEASE_NS = "kube-node-lease"
+AGENT_LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update", "patch"}}
+OPERATOR_LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "list", "watch"}}
 CONFIGMAP_RULES = {("", "configmaps"): {"get", "list", "watch"}}
 
 # --- metric names of the design (../shared/design.md, "Metrics") ------------------------
@@ -449,7 +452,8 @@ class T2Render(unittest.TestCase):
         self.assertEqual(c["command"], ["bpfpoly-operator"])
         self.assertEqual(c["args"], ["run", "--metrics-addr=:9465", "--lease-namespace=$(POD_NAMESPACE)",
                                      "--lease-name=bpfpoly-operator", "--lease-seconds=15",
-                                     "--identity=$(POD_NAME)", "--unload-timeout=60"])
+                                     "--identity=$(POD_NAME)", "--unload-timeout=60",
+                                     "--node-lost-after=20", "--node-lease-namespace=kube-node-lease"])
         sc = c["securityContext"]
         self.assertEqual(sc, {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                               "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
@@ -479,6 +483,7 @@ class T2Render(unittest.TestCase):
         self.assertEqual(c["command"], ["bpfpoly-agent"])
         self.assertEqual(c["args"], ["run", "--node-name=$(NODE_NAME)", "--btf-path=/sys/kernel/btf/vmlinux",
                                      "--bpffs-root=/sys/fs/bpf/bpfpoly", "--metrics-addr=:9464",
+                                     "--lease-namespace=kube-node-lease", "--lease-renew-interval=5",
                                      "--allowed-bytecode-dirs=/var/lib/bpfpoly"])
         self.assertEqual(env_of(ds)["NODE_NAME"]["valueFrom"], {"fieldRef": {"fieldPath": "spec.nodeName"}})
         self.assertEqual(c["securityContext"], {"runAsUser": 0, "runAsNonRoot": False,
@@ -1260,6 +1265,10 @@ class T5ApiServer(unittest.TestCase):
             *[(False, a, "create", r, NS, None) for r in ("pods", "daemonsets.apps", "leases.coordination.k8s.io")],
             (False, a, "create", "clusterrolebindings.rbac.authorization.k8s.io", None, None),
             (False, a, "impersonate", "serviceaccounts", NS, None),
+            # its liveness Lease, in the lease namespace only
+            *[(True, a, v, "leases.coordination.k8s.io", LEASE_NS, None) for v in ("get", "create", "update", "patch")],
+            *[(False, a, v, "leases.coordination.k8s.io", LEASE_NS, None) for v in ("list", "watch", "delete")],
+            (False, a, "patch", "leases.coordination.k8s.io", "kube-system", None),
         ]
         self.check_matrix(rows)
 
@@ -1283,6 +1292,9 @@ class T5ApiServer(unittest.TestCase):
             *[(False, o, v, lease, NS, None, "kube-controller-manager") for v in ("get", "update", "patch")],
             (False, o, "delete", lease, NS, None, "bpfpoly-operator"),
             (False, o, "create", lease, "kube-system", None),
+            # the agents' liveness Leases: read-only
+            *[(True, o, v, lease, LEASE_NS, None) for v in ("get", "list", "watch")],
+            *[(False, o, v, lease, LEASE_NS, None) for v in ("create", "patch", "update", "delete")],
             # Events
             *[(True, o, v, "events.events.k8s.io", "default", None) for v in ("create", "patch")],
             (False, o, "delete", "events.events.k8s.io", "default", None),
@@ -1319,6 +1331,8 @@ class T5ApiServer(unittest.TestCase):
             ("agent", "default", expected(AGENT_CLUSTER_RULES, EVENTS_RULES)),
             ("agent", NS_BC1, expected(AGENT_CLUSTER_RULES, CONFIGMAP_RULES)),
             ("agent", NS_OTHER, expected(AGENT_CLUSTER_RULES)),
+            ("operator", LEASE_NS, expected(OPERATOR_CLUSTER_RULES, OPERATOR_LEASE_RULES)),
+            ("agent", LEASE_NS, expected(AGENT_CLUSTER_RULES, AGENT_LEASE_RULES)),
         ]
         baselines = {ns: rules_list(nobody, ns) for ns in {c[1] for c in cases}}
         for who, ns, want in cases:

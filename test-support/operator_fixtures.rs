@@ -27,6 +27,13 @@ impl Operator {
 
     pub fn start(port: u16, extra: &[&str]) -> Operator {
         let log = std::fs::File::create(Self::log_path(port)).unwrap();
+        // Simulated agents renew no liveness Lease (see `sim_lease`): unless a test sets its
+        // own bound, nodes without one count as alive for the whole test.
+        let liveness: &[&str] = if extra.contains(&"--node-lost-after") {
+            &[]
+        } else {
+            &["--node-lost-after", "3600"]
+        };
         let child = Command::new(operator_bin())
             .args([
                 "run",
@@ -35,6 +42,7 @@ impl Operator {
                 "--unload-timeout",
                 "10",
             ])
+            .args(liveness)
             .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -108,10 +116,25 @@ pub async fn sim_profile(
 
 /// Publishes a simulated agent report for one program on one node.
 pub async fn sim_report(c: &Client, node: &str, program: &str, generation: i64, phase: &str) {
+    sim_report_from_boot(c, node, program, generation, phase, None).await;
+}
+
+/// Publishes a simulated agent report that names the kernel boot it comes from.
+pub async fn sim_report_from_boot(
+    c: &Client,
+    node: &str,
+    program: &str,
+    generation: i64,
+    phase: &str,
+    boot: Option<&str>,
+) {
     let api: Api<BpfNodeState> = Api::all(c.clone());
-    let status = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeState", "status": {
+    let mut status = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeState", "status": {
         "programs": [{"name": program, "observedGeneration": generation, "phase": phase, "variant": "tracepoint",
                       "message": format!("simulated {phase}")}]}});
+    if let Some(b) = boot {
+        status["status"]["bootId"] = json!(b);
+    }
     api.patch_status(
         node,
         &PatchParams::apply(&bpfpoly_crds::state::agent_field_manager(node)).force(),
@@ -119,6 +142,38 @@ pub async fn sim_report(c: &Client, node: &str, program: &str, generation: i64, 
     )
     .await
     .unwrap();
+}
+
+/// Renews a simulated agent's liveness Lease once, as the agent does every few seconds
+/// (`kube-node-lease/bpfpoly-agent-<node>`, naming the boot).
+pub async fn sim_lease(c: &Client, node: &str, boot: &str) {
+    let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.clone(), bpfpoly_crds::state::NODE_LEASE_NAMESPACE);
+    let name = bpfpoly_crds::state::agent_lease_name(node);
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "labels": {bpfpoly_crds::state::AGENT_LEASE_LABEL: "true"},
+                     "annotations": {bpfpoly_crds::state::BOOT_ID_ANNOTATION: boot}},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 20,
+                 "renewTime": format!("{:.6}", k8s_openapi::jiff::Timestamp::now())}});
+    api.patch(
+        &name,
+        &PatchParams::apply(&bpfpoly_crds::state::agent_field_manager(node)).force(),
+        &Patch::Apply(&lease),
+    )
+    .await
+    .unwrap();
+}
+
+/// Deletes a simulated agent's liveness Lease.
+pub async fn delete_lease(c: &Client, node: &str) {
+    let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.clone(), bpfpoly_crds::state::NODE_LEASE_NAMESPACE);
+    let _ = api
+        .delete(
+            &bpfpoly_crds::state::agent_lease_name(node),
+            &DeleteParams::default(),
+        )
+        .await;
 }
 
 pub fn tracer(name: &str, test: &str, rollout: serde_json::Value) -> BpfPolyProgram {
@@ -213,6 +268,7 @@ pub async fn cleanup(c: &Client, test: &str, nodes: &[String], programs: &[&str]
         let _ = nodes_api.delete(n, &DeleteParams::default()).await;
         let _ = states.delete(n, &DeleteParams::default()).await;
         let _ = profiles.delete(n, &DeleteParams::default()).await;
+        delete_lease(c, n).await;
     }
     let _ = test;
 }

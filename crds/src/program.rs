@@ -570,6 +570,10 @@ pub struct NodeCounts {
     pub unsupported: u32,
     /// Nodes not yet decided or not yet reported.
     pub pending: u32,
+    /// Nodes whose agent stopped renewing its liveness Lease: what they last reported is
+    /// not counted (see `samples` for since when).
+    #[serde(default)]
+    pub lost: u32,
 }
 
 /// Nodes running one variant.

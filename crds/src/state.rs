@@ -18,19 +18,50 @@ const MAX_FIELD_MANAGER: usize = 128;
 /// the API server's 128-character limit is shortened to a prefix plus a stable FNV-1a digest
 /// of the whole name, so two long names never share a manager by accident.
 pub fn agent_field_manager(node: &str) -> String {
-    let full = format!("{AGENT_FIELD_MANAGER_PREFIX}{node}");
-    if full.len() <= MAX_FIELD_MANAGER {
+    shortened(
+        format!("{AGENT_FIELD_MANAGER_PREFIX}{node}"),
+        node,
+        MAX_FIELD_MANAGER,
+        '~',
+    )
+}
+
+/// `full` when it fits in `max` bytes, else a prefix of it plus a stable FNV-1a digest of
+/// `node` after `sep`.
+fn shortened(full: String, node: &str, max: usize, sep: char) -> String {
+    if full.len() <= max {
         return full;
     }
     let digest = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
-    let suffix = format!("~{digest:016x}");
-    let mut keep = MAX_FIELD_MANAGER - suffix.len();
+    let suffix = format!("{sep}{digest:016x}");
+    let mut keep = max - suffix.len();
     while !full.is_char_boundary(keep) {
         keep -= 1;
     }
     format!("{}{suffix}", &full[..keep])
+}
+
+/// Namespace of the agents' liveness Leases (the one the kubelets' node Leases live in).
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+
+/// Label on every agent liveness Lease (the operator watches only these).
+pub const AGENT_LEASE_LABEL: &str = "bpfpoly.io/agent-lease";
+
+/// Annotation of an agent liveness Lease: the kernel boot the agent runs in
+/// (`/proc/sys/kernel/random/boot_id`).
+pub const BOOT_ID_ANNOTATION: &str = "bpfpoly.io/boot-id";
+
+/// Longest object name the API server accepts (a DNS subdomain).
+const MAX_OBJECT_NAME: usize = 253;
+
+/// The liveness Lease of the agent on `node`: `bpfpoly-agent-<node>` in
+/// [`NODE_LEASE_NAMESPACE`], renewed by the agent while it runs. (The kubelet's own Lease
+/// there is named after the node alone.) Too long a name is shortened like
+/// [`agent_field_manager`].
+pub fn agent_lease_name(node: &str) -> String {
+    shortened(format!("bpfpoly-agent-{node}"), node, MAX_OBJECT_NAME, '-')
 }
 
 /// Assignments for one node (name = node name).
@@ -106,6 +137,11 @@ pub struct BpfNodeStateStatus {
     /// Counts for the printer columns.
     #[serde(default)]
     pub summary: StateSummary,
+    /// The kernel boot this report comes from (`/proc/sys/kernel/random/boot_id`). After a
+    /// reboot the programs of an older boot are gone, so the operator believes a report only
+    /// from the boot its agent's liveness Lease names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// Counts of programs by phase on one node.
@@ -244,5 +280,15 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with(AGENT_FIELD_MANAGER_PREFIX));
         assert_eq!(a, agent_field_manager(&long_a));
+    }
+
+    #[test]
+    fn agent_lease_name_is_prefixed_and_fits_an_object_name() {
+        assert_eq!(agent_lease_name("debian-6-1"), "bpfpoly-agent-debian-6-1");
+        let long = "n".repeat(253);
+        let name = agent_lease_name(&long);
+        assert_eq!(name.len(), 253);
+        assert!(name.starts_with("bpfpoly-agent-nnn"));
+        assert_ne!(name, agent_lease_name(&format!("{}m", "n".repeat(252))));
     }
 }

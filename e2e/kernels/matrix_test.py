@@ -12,7 +12,15 @@ back. Any difference fails the run. It also checks, on each Debian kernel:
     from its vmlinuz) and its BTF answers equal bpftool's reading of that BTF;
   - real frames through the veth pair inside the guest are counted per dispatch key under
     freplace (packet-classifier), and the kprobe variant of exec-tracer runs on real execs;
-  - the verifier-stage fallback of comm-stats carries that kernel's verifier log.
+  - the verifier-stage fallback of comm-stats carries that kernel's verifier log;
+  - under freplace dispatch, a handler the verifier rejects leaves its slot empty and its
+    key's frames take the default path (a freplace build of the badhandler fixture on a
+    fourth veth pair), and a config update is make-before-break (new program ids, no frame
+    of a handled key on the default path, counts never backwards, no gap);
+  - node loss and reboot: one VM powered off abruptly (SIGKILL to qemu) stops counting as
+    running every program within the operator's --node-lost-after plus one renewal
+    interval, named with why; booted again (a fresh kernel: bpffs and programs gone), its
+    agent loads everything afresh (new boot id, new load times) and the programs are Ready.
 Writes target/kernels/matrix.json and prints the table (README "Tested kernels").
 """
 
@@ -31,6 +39,12 @@ TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
 CACHE = os.environ.get("BPFPOLY_CACHE") or os.path.expanduser("~/.cache/bpfpoly")
 KERNELS = os.environ.get("BPFPOLY_KERNELS", "5.10 6.1 6.12 7.2").split()
 VM_METRICS_BASE = int(os.environ.get("BPFPOLY_VM_METRICS_BASE", "9470"))
+# The operator's --node-lost-after (run.sh starts it with the default) and the agents'
+# --lease-renew-interval (default): the bound within which a powered-off node stops counting.
+NODE_LOST_AFTER = int(os.environ.get("BPFPOLY_NODE_LOST_AFTER", "20"))
+LEASE_RENEW = int(os.environ.get("BPFPOLY_LEASE_RENEW_INTERVAL", "5"))
+# The kernel whose VM is powered off and booted again (the fastest to boot).
+LOSS_KERNEL = os.environ.get("BPFPOLY_MATRIX_LOSS_KERNEL", "5.10")
 SETTLE_TIMEOUT = int(os.environ.get("BPFPOLY_MATRIX_TIMEOUT", "300"))
 ALL_KERNELS = [l.split()[0] for l in open(os.path.join(HERE, "kernels.list"))
                if l.strip() and not l.startswith("#")]
@@ -299,6 +313,285 @@ def check_verifier_logs(rows):
     return problems
 
 
+def sh(*args, check=True, input=None):
+    p = subprocess.run(list(args), capture_output=True, text=True, input=input)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {p.stderr.strip()}")
+    return p
+
+
+def program_status(node, program):
+    st = kubectl_json("get", "bns", node).get("status", {})
+    return next((s for s in st.get("programs", []) if s["name"] == program), None)
+
+
+def wait_until(what, timeout, f, every=1.0):
+    t0 = time.time()
+    while True:
+        v = f()
+        if v:
+            return v, time.time() - t0
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+FREPLACE_BADHANDLER = """
+apiVersion: bpfpoly.io/v1alpha1
+kind: BpfPolyProgram
+metadata: {name: matrix-freplace-badhandler}
+spec:
+  nodeSelector: {matchLabels: {bpfpoly.io/microvm: "true"}}
+  variants:
+  - name: xdp-freplace
+    bytecode: {builtin: packet-classifier-xdp}
+    handlerBytecode: {builtin: fallback-fixtures-badhandler-freplace}
+    dispatchMechanism: freplace
+    programs:
+    - name: classify
+      attach: {xdp: {interfaces: [bpfpoly4], mode: skb}}
+    - {name: handle_tcp}
+    - {name: handle_udp}
+    - {name: handle_icmp}
+  dispatch:
+    entry: classify
+    slots:
+    - {key: 6, handler: handle_tcp}
+    - {key: 17, handler: handle_udp}
+    - {key: 1, handler: handle_icmp}
+  fallback: {onHandlerReject: DefaultPath}
+  rollout: {maxUnavailable: "100%", canary: 0, pauseOnDegradedRatio: 1.0}
+"""
+
+
+def check_freplace_rejected_handler(kernels):
+    """(a) Under freplace, the extension of slot 17 is refused by that kernel's verifier: the
+    slot stays empty, UDP frames are counted on the default path, TCP and ICMP by their
+    handlers. Real frames from the guest's traffic loop through bpfpoly5 -> bpfpoly4."""
+    problems = []
+    name = "matrix-freplace-badhandler"
+    sh("kubectl", "apply", "-f", "-", input=FREPLACE_BADHANDLER)
+    try:
+        def loaded():
+            got = {k: program_status(node_of(k), name) for k in kernels}
+            return got if all(s and s.get("phase") in FINAL for s in got.values()) else None
+        got, took = wait_until(f"{name} on {kernels}", 120, loaded)
+        print(f"[bpfpoly] matrix: {name} settled on {len(kernels)} kernels in {took:.0f} s")
+        before = {k: metrics(k) for k in kernels}
+        time.sleep(8)
+        for k in kernels:
+            s = got[k]
+            slots = {h["key"]: h for h in s.get("handlers", [])}
+            if (s["phase"], s.get("mechanism")) != ("Degraded", "freplace"):
+                problems.append(f"{k}/{name}: {s['phase']} with {s.get('mechanism')}, want Degraded with freplace: {s.get('message')}")
+            if slots.get(17, {}).get("state") != "Empty" or "invalid access to packet" not in (slots.get(17, {}).get("reason") or "") + json.dumps(s.get("fallbacks")):
+                problems.append(f"{k}/{name}: slot 17 not refused by the verifier: {slots.get(17)} {s.get('fallbacks')}")
+            if any(slots.get(key, {}).get("state") != "Loaded" for key in (6, 1)):
+                problems.append(f"{k}/{name}: slots 6 and 1 must be Loaded: {slots}")
+            handler_fb = [f for f in s.get("fallbacks", []) if f["stage"] == "handler"]
+            if [(f["from"], f["to"]) for f in handler_fb] != [("handle_udp", "default-path")]:
+                problems.append(f"{k}/{name}: handler fallbacks {[(f['from'], f['to']) for f in handler_fb]}, want handle_udp -> default-path")
+            after = metrics(k)
+
+            def delta(metric_name, **labels):
+                return (metric(after, metric_name, program=name, **labels) or 0) - (metric(before[k], metric_name, program=name, **labels) or 0)
+            d_default, d_udp = delta("bpfpoly_dispatch_default_total"), delta("bpfpoly_dispatch_total", key="17")
+            d_tcp, d_icmp = delta("bpfpoly_dispatch_total", key="6"), delta("bpfpoly_dispatch_total", key="1")
+            print(f"[bpfpoly] matrix: {k}: freplace with slot 17 refused, 8 s of traffic: default +{d_default:.0f}, "
+                  f"udp(17) +{d_udp:.0f}, tcp(6) +{d_tcp:.0f}, icmp(1) +{d_icmp:.0f}")
+            if d_default <= 0 or d_udp != 0 or d_tcp <= 0 or d_icmp <= 0:
+                problems.append(f"{k}/{name}: in 8 s default +{d_default}, key 17 +{d_udp} (want default > 0, key 17 = 0), key 6 +{d_tcp}, key 1 +{d_icmp} (want > 0)")
+            if metric(after, "bpfpoly_handler_degraded", program=name, key="17") != 1:
+                problems.append(f"{k}/{name}: bpfpoly_handler_degraded{{key=17}} is {metric(after, 'bpfpoly_handler_degraded', program=name, key='17')}, want 1")
+    finally:
+        sh("kubectl", "delete", "bpp", name, "--wait=true", "--timeout=90s", check=False)
+    return problems
+
+
+def check_freplace_update(kernels):
+    """(b) A config update of packet-classifier (freplace on the Debian kernels) is
+    make-before-break: each guest loads the new version (new program ids) while the old one
+    keeps counting; no frame of a handled key is ever counted on the default path (a new
+    entry attached before its slots were replaced would send them there), counters never go
+    backwards, and every key keeps being counted with no gap longer than the traffic period
+    allows."""
+    problems = []
+    name = "packet-classifier"
+    bpp = kubectl_json("get", "bpp", name)
+    gen = bpp["metadata"]["generation"]
+    vlan = next(i for i, c in enumerate(bpp["spec"]["config"]) if c["name"] == "vlan_aware")
+    value = "false" if bpp["spec"]["config"][vlan]["value"] == "true" else "true"
+    before_ids = {k: set(program_status(node_of(k), name)["programIds"]) for k in kernels}
+    keys = ("6", "17", "1")
+    series = {k: [] for k in kernels}
+
+    def sample():
+        for k in kernels:
+            try:
+                m = metrics(k)
+            except OSError:
+                continue
+            series[k].append((time.time(), {key: metric(m, "bpfpoly_dispatch_total", program=name, key=key) or 0 for key in keys},
+                              metric(m, "bpfpoly_dispatch_default_total", program=name) or 0))
+    for _ in range(3):
+        sample()
+        time.sleep(1)
+    t_patch = time.time()
+    sh("kubectl", "patch", "bpp", name, "--type=json", "-p", json.dumps([
+        {"op": "replace", "path": f"/spec/config/{vlan}/value", "value": value},
+        {"op": "replace", "path": "/spec/rollout", "value": {"maxUnavailable": "100%", "canary": 0}}]))
+
+    def updated():
+        sample()
+        ss = {k: program_status(node_of(k), name) for k in kernels}
+        return all(s["observedGeneration"] == gen + 1 and s["phase"] == "Loaded" and set(s["programIds"]) != before_ids[k]
+                   for k, s in ss.items()) and ss
+    ss, took = wait_until(f"{name} generation {gen + 1} on {kernels}", 180, updated, every=0.5)
+    for _ in range(4):
+        sample()
+        time.sleep(1)
+    print(f"[bpfpoly] matrix: {name} config update (vlan_aware={value}) loaded on {len(kernels)} kernels in {took:.0f} s")
+    for k in kernels:
+        s, pts = ss[k], series[k]
+        if ss[k].get("mechanism") != "freplace":
+            problems.append(f"{k}/{name}: updated with {s.get('mechanism')}, want freplace")
+        if set(s["programIds"]) & before_ids[k]:
+            problems.append(f"{k}/{name}: program ids {s['programIds']} share ids with the old version's {sorted(before_ids[k])}")
+        defaults = [d for _, _, d in pts]
+        if defaults and defaults[-1] != defaults[0]:
+            problems.append(f"{k}/{name}: {defaults[-1] - defaults[0]:.0f} frames took the default path during the update (handled keys only are sent)")
+        for key in keys:
+            vals = [c[key] for _, c, _ in pts]
+            if vals != sorted(vals):
+                problems.append(f"{k}/{name}: key {key} counts went backwards: {vals}")
+            if not vals or vals[-1] <= vals[0]:
+                problems.append(f"{k}/{name}: key {key} not counted through the update: {vals}")
+            # The longest stretch without a new frame of this key, around the update.
+            last_change, longest, prev = pts[0][0] if pts else 0, 0.0, None
+            for t, c, _ in pts:
+                if prev is not None and c[key] > prev:
+                    longest = max(longest, t - last_change)
+                    last_change = t
+                prev = c[key]
+            longest = max(longest, (pts[-1][0] - last_change) if pts else 0)
+            if longest > 4 * 2 + 2:
+                problems.append(f"{k}/{name}: key {key} had no new frame for {longest:.1f} s around the update (traffic every 2 s)")
+        print(f"[bpfpoly] matrix: {k}: update window {pts[0][0] - t_patch:+.0f}..{pts[-1][0] - t_patch:+.0f} s, {len(pts)} samples, "
+              f"default path +{(defaults[-1] - defaults[0]) if defaults else 0:.0f}, counts " +
+              ", ".join(f"{key}: {pts[0][1][key]:.0f}->{pts[-1][1][key]:.0f}" for key in keys))
+    return problems
+
+
+def program_views(programs):
+    return {o["metadata"]["name"]: o for o in kubectl_json("get", "bpp")["items"] if o["metadata"]["name"] in programs}
+
+
+def check_node_loss_and_reboot(kernel, programs, nodes_total):
+    """Item 4 of #14: power a VM off abruptly (SIGKILL to its qemu), then boot it again."""
+    problems, report = [], {"kernel": kernel, "nodeLostAfter": NODE_LOST_AFTER, "leaseRenewInterval": LEASE_RENEW}
+    node = node_of(kernel)
+    vm = os.path.join(HERE, "vm.sh")
+    old = kubectl_json("get", "bns", node)["status"]
+    old_status = {s["name"]: s for s in old["programs"]}
+    old_metrics = metrics(kernel)
+    lease = kubectl_json("get", "lease", "-n", "kube-node-lease", f"bpfpoly-agent-{node}")
+    old_boot = lease["metadata"]["annotations"].get("bpfpoly.io/boot-id")
+    if old.get("bootId") != old_boot:
+        problems.append(f"{kernel}: status boot {old.get('bootId')} is not its Lease's {old_boot}")
+    t_kill = time.time()
+    sh("bash", vm, "kill", kernel)
+    print(f"[bpfpoly] matrix: node loss: {kernel} powered off (SIGKILL to qemu); bound {NODE_LOST_AFTER} s "
+          f"(--node-lost-after) + {LEASE_RENEW} s (renewal interval)")
+    claims = []
+
+    def lost_everywhere():
+        views = program_views(programs)
+        t = time.time() - t_kill
+        out = {}
+        for p, o in views.items():
+            st = o.get("status", {})
+            n = st.get("nodes", {})
+            sample = next((s for s in st.get("samples", []) if s["node"] == node and s["phase"] == "Lost"), None)
+            counted = n.get("loaded", 0) + n.get("degraded", 0)
+            claims.append((t, p, counted, n.get("lost", 0)))
+            if not sample or n.get("lost") != 1:
+                return None
+            out[p] = (st, sample)
+        return out
+    views, took = wait_until(f"every program to stop counting {node}", NODE_LOST_AFTER + LEASE_RENEW + 60, lost_everywhere, every=0.5)
+    report["lostAfterSeconds"] = round(took, 1)
+    print(f"[bpfpoly] matrix: node loss: every program stopped counting {node} {took:.1f} s after the power-off")
+    if not (NODE_LOST_AFTER - LEASE_RENEW <= took <= NODE_LOST_AFTER + LEASE_RENEW + 3):
+        problems.append(f"{kernel}: lost {took:.1f} s after the power-off, outside [{NODE_LOST_AFTER - LEASE_RENEW}, {NODE_LOST_AFTER + LEASE_RENEW + 3}] s")
+    for p, (st, sample) in views.items():
+        n = st["nodes"]
+        ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+        for part in ("agent silent since", f"Lease kube-node-lease/bpfpoly-agent-{node} not renewed for",
+                     f"--node-lost-after {NODE_LOST_AFTER} s", "last reported "):
+            if part not in sample["reason"]:
+                problems.append(f"{kernel}/{p}: the Lost sample does not say {part!r}: {sample['reason']}")
+        if (ready["status"], ready["reason"]) != ("False", "NodesLost") or node not in ready["message"]:
+            problems.append(f"{kernel}/{p}: Ready {ready['status']} {ready['reason']}: {ready['message']}")
+        if n["loaded"] + n["degraded"] > nodes_total - 1:
+            problems.append(f"{kernel}/{p}: still counted: {n}")
+    report["lostSample"] = next(iter(views.values()))[1]["reason"]
+    events = kubectl_json("get", "events.events.k8s.io", "-n", "default")["items"]
+    lost_events = {e["regarding"]["name"] for e in events if e.get("reason") == "NodeLost" and (e.get("note") or "").startswith(f"node {node}:")}
+    if set(programs) - lost_events:
+        problems.append(f"{kernel}: no NodeLost Event for {sorted(set(programs) - lost_events)}")
+    # Once lost, no poll may count it again while it is down.
+    t_lost = took
+    late = [(round(t, 1), p, c) for t, p, c, lost in claims if t > t_lost and lost != 1]
+    if late:
+        problems.append(f"{kernel}: counted again while powered off: {late[:5]}")
+
+    t_boot = time.time()
+    sh("bash", vm, "start", kernel)
+    sh("bash", vm, "wait", kernel)
+    agent_ready = time.time() - t_boot
+    # Programs stay unloaded on the fresh kernel until its agent reports them.
+    seen_pending = set()
+
+    def fresh():
+        st = kubectl_json("get", "bns", node).get("status", {})
+        views = program_views(programs)
+        for p, o in views.items():
+            if any(s["node"] == node and s["phase"] == "Pending" and "booted again" in s["reason"]
+                   for s in o.get("status", {}).get("samples", [])):
+                seen_pending.add(p)
+        if st.get("bootId") in (None, old_boot):
+            return None
+        by = {s["name"]: s for s in st.get("programs", [])}
+        if any(by.get(p, {}).get("phase") not in ("Loaded", "Degraded") for p in programs):
+            return None
+        for p, o in views.items():
+            ready = next((c for c in o.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {})
+            if ready.get("status") != "True" or o["status"]["nodes"].get("lost"):
+                return None
+        return st
+    st, took = wait_until(f"{node} loaded afresh and every program Ready", 240, fresh)
+    report["agentReadyAfterBootSeconds"] = round(agent_ready, 1)
+    report["readyAgainAfterBootSeconds"] = round(time.time() - t_boot, 1)
+    report["staleReportShownAsPendingFor"] = sorted(seen_pending)
+    print(f"[bpfpoly] matrix: reboot: {kernel}'s agent ready {agent_ready:.0f} s after qemu started; "
+          f"every program Ready with it again after {time.time() - t_boot:.0f} s (boot {old_boot} -> {st['bootId']})")
+    new_metrics = metrics(kernel)
+    loads = metric(new_metrics, "bpfpoly_load_duration_seconds_count") or 0
+    report["loadsAfterReboot"] = loads
+    by = {s["name"]: s for s in st["programs"]}
+    for p in programs:
+        s, o = by[p], old_status[p]
+        if (s["phase"], s.get("variant")) != (o["phase"], o.get("variant")):
+            problems.append(f"{kernel}/{p}: after the reboot {s['phase']} {s.get('variant')}, before {o['phase']} {o.get('variant')}")
+        if not s.get("lastTransitionTime") or s["lastTransitionTime"] <= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_boot)):
+            problems.append(f"{kernel}/{p}: lastTransitionTime {s.get('lastTransitionTime')} is not after the reboot")
+    if loads < len(programs):
+        problems.append(f"{kernel}: the rebooted agent counts {loads} loads, want one per program ({len(programs)}): nothing could be adopted")
+    report["programIds"] = {p: {"before": old_status[p].get("programIds"), "after": by[p].get("programIds")} for p in programs}
+    _ = old_metrics
+    return problems, report
+
+
 def table(rows, kernels, programs):
     def cell(r):
         s = f"{r['variant'] or '-'}"
@@ -347,6 +640,27 @@ def main():
     for r in rows:
         r["release"] = profiles[r["node"]]["kernel"]["release"]
     problems = compare(rows) + check_verifier_logs(rows) + check_profiles(kernels) + check_traffic(kernels)
+    debian_kernels = [k for k in KERNELS]
+    scenarios = {}
+    for what, run in [
+        ("freplaceRejectedHandler", lambda: check_freplace_rejected_handler(debian_kernels)),
+        ("freplaceConfigUpdate", lambda: check_freplace_update(debian_kernels)),
+    ]:
+        t = time.time()
+        try:
+            problems += run()
+        except (AssertionError, RuntimeError, OSError) as e:
+            problems.append(f"{what}: {e}")
+        scenarios[what] = {"seconds": round(time.time() - t, 1)}
+    if LOSS_KERNEL in KERNELS:
+        t = time.time()
+        try:
+            p, scenarios["nodeLossAndReboot"] = check_node_loss_and_reboot(LOSS_KERNEL, programs, len(nodes))
+            problems += p
+        except (AssertionError, RuntimeError, OSError) as e:
+            problems.append(f"node loss and reboot of {LOSS_KERNEL}: {e}")
+            scenarios["nodeLossAndReboot"] = {}
+        scenarios["nodeLossAndReboot"]["seconds"] = round(time.time() - t, 1)
     report = {
         "generatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernels": [{"kernel": k, "node": node_of(k), "release": profiles[node_of(k)]["kernel"]["release"],
@@ -354,6 +668,7 @@ def main():
                      "programTypes": profiles[node_of(k)].get("programTypes"),
                      "where": "this host" if k == "host" else "qemu TCG microVM"} for k in kernels],
         "results": rows,
+        "scenarios": scenarios,
         "problems": problems,
     }
     out_dir = os.path.join(TARGET, "kernels")

@@ -15,6 +15,12 @@
  *                           dispatch, the same read is inlined into classify
  *                           behind bit 17 of bpfpoly_handler_mask: clear the bit
  *                           and classify loads.
+ *   -DFIXTURE_REJECT_UDP -DFIXTURE_FREPLACE
+ *                           fallback-fixtures-badhandler-freplace: the same
+ *                           handlers as freplace programs (the handlerBytecode of
+ *                           a freplace variant whose entry is
+ *                           packet-classifier-xdp): the extension of slot 17 is
+ *                           rejected, so UDP takes the entry's default path.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -41,7 +47,11 @@
 #error "define FIXTURE_REJECT_ENTRY or FIXTURE_REJECT_UDP"
 #endif
 
+#if defined(FIXTURE_FREPLACE)
+#define CLASSIFIER_FREPLACE
+#else
 #define CLASSIFIER_XDP
+#endif
 #include "packet_classifier.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -55,6 +55,10 @@ pub struct Options {
     pub enable_stats: bool,
     /// Interface renames `FROM=TO`, for a second agent on the same host.
     pub interface_aliases: Vec<(String, String)>,
+    /// Namespace of this node's liveness Lease.
+    pub lease_namespace: String,
+    /// How often the liveness Lease is renewed.
+    pub lease_renew_interval: std::time::Duration,
 }
 
 /// Errors that stop the agent.
@@ -146,6 +150,8 @@ struct Agent {
     answered: Vec<String>,
     /// Failed loads waiting for their next try, with the status to report meanwhile.
     backoff: LoadBackoff<ProgramStatus>,
+    /// The kernel boot every report names.
+    boot_id: Option<String>,
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, AgentError> {
@@ -188,6 +194,13 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     mount_if_missing("/sys/fs/bpf", "bpf");
     mount_if_missing("/sys/kernel/tracing", "tracefs");
     let client = client(opts.kubeconfig.as_ref()).await?;
+    // Liveness first, and on its own task: it must keep renewing while loads run.
+    tokio::spawn(crate::liveness::renew_forever(
+        client.clone(),
+        opts.lease_namespace.clone(),
+        opts.node_name.clone(),
+        opts.lease_renew_interval,
+    ));
     let metrics = Metrics::new()?;
     // Kernel run-time statistics stay on while the fd is held.
     let _stats = if opts.enable_stats {
@@ -262,6 +275,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         unloaded: BTreeMap::new(),
         answered: Vec::new(),
         backoff: LoadBackoff::default(),
+        boot_id: crate::liveness::boot_id(),
     };
     // The API server may not be reachable yet (or restarting): retry rather than exit.
     while let Err(e) = agent
@@ -957,7 +971,11 @@ impl Agent {
                 .count() as u32,
             failed: programs.iter().filter(|p| p.phase == Phase::Failed).count() as u32,
         };
-        let status = BpfNodeStateStatus { programs, summary };
+        let status = BpfNodeStateStatus {
+            programs,
+            summary,
+            boot_id: self.boot_id.clone(),
+        };
         let api: Api<BpfNodeState> = Api::all(self.client.clone());
         let patch = serde_json::json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeState", "status": status});
         if let Err(e) = api

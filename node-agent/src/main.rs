@@ -6,6 +6,7 @@
 
 mod agent;
 mod btf;
+mod liveness;
 mod metrics;
 mod probe;
 mod profile;
@@ -85,6 +86,14 @@ struct RunArgs {
     /// Rename an interface named in assignments, FROM=TO (for a second agent on one host).
     #[arg(long, value_name = "FROM=TO", value_parser = parse_alias)]
     interface_alias: Vec<(String, String)>,
+    /// Namespace of this node's liveness Lease `bpfpoly-agent-<node>` (renewed while the agent
+    /// runs; the operator stops counting a node whose Lease is not renewed, see its
+    /// --node-lost-after).
+    #[arg(long, default_value = bpfpoly_crds::state::NODE_LEASE_NAMESPACE)]
+    lease_namespace: String,
+    /// Seconds between renewals of the liveness Lease.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    lease_renew_interval: u64,
 }
 
 #[derive(Args, Debug)]
@@ -247,6 +256,8 @@ fn run_cmd(args: RunArgs) -> Result<(), Failure> {
         max_object_bytes: args.max_object_size,
         enable_stats: !args.no_enable_stats,
         interface_aliases: args.interface_alias,
+        lease_namespace: args.lease_namespace,
+        lease_renew_interval: std::time::Duration::from_secs(args.lease_renew_interval),
     };
     limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()

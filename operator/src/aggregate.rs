@@ -27,6 +27,9 @@ pub enum NodeOutcome<'a> {
     Eligible(Option<&'a ProgramStatus>),
     /// Eligible, but what was reported for it is not believed (see [`crate::trust`]).
     Ignored(String),
+    /// Eligible, but its agent is lost (see [`crate::liveness`]): what it last reported is
+    /// not counted as running.
+    Lost(String),
 }
 
 /// Inputs of one aggregation.
@@ -79,6 +82,7 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
     let mut failed = Vec::new();
     let mut unsupported = Vec::new();
     let mut pending = Vec::new();
+    let mut lost = Vec::new();
     for (node, outcome) in i.nodes {
         match outcome {
             NodeOutcome::Pending(why) => pending.push((node.clone(), why.clone())),
@@ -86,6 +90,10 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
             NodeOutcome::Ignored(why) => {
                 counts.eligible += 1;
                 pending.push((node.clone(), why.clone()));
+            }
+            NodeOutcome::Lost(why) => {
+                counts.eligible += 1;
+                lost.push((node.clone(), why.clone()));
             }
             NodeOutcome::Eligible(reported) => {
                 counts.eligible += 1;
@@ -119,6 +127,7 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
         }
     }
     counts.unsupported = unsupported.len() as u32;
+    counts.lost = lost.len() as u32;
     if i.on_no_eligible == OnNoEligibleVariant::Fail {
         counts.failed += counts.unsupported;
     }
@@ -130,6 +139,7 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
     let mut samples = Vec::new();
     for (phase, list) in [
         ("Failed", &failed),
+        ("Lost", &lost),
         ("Unsupported", &unsupported),
         ("Degraded", &degraded),
         ("Pending", &pending),
@@ -145,7 +155,7 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
         }
     }
 
-    let all_current = pending.is_empty() && failed.is_empty();
+    let all_current = pending.is_empty() && failed.is_empty() && lost.is_empty();
     let mut conditions = Vec::new();
     let mut cond = |type_: &str, status: bool, reason: &str, message: String| {
         conditions.push(condition(i, type_, status, reason, message));
@@ -158,6 +168,9 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
     } else if !failed.is_empty() {
         ready_reason = "NodesFailed";
         ready_message = format!("failed on {}", named(&failed));
+    } else if !lost.is_empty() {
+        ready_reason = "NodesLost";
+        ready_message = format!("not known to run on lost node(s) {}", named(&lost));
     } else if !pending.is_empty() {
         ready_reason = "Progressing";
         ready_message = format!("waiting for {}", named(&pending));
@@ -340,7 +353,8 @@ mod tests {
                 degraded: 1,
                 failed: 0,
                 unsupported: 1,
-                pending: 0
+                pending: 0,
+                lost: 0,
             }
         );
         assert_eq!(s.variant_summary.as_deref(), Some("tp-btf=2"));
@@ -378,6 +392,50 @@ mod tests {
         assert_eq!(ready.status, "False");
         assert!(ready.message.contains("a (running an older generation)"));
         assert!(ready.message.contains("b (node profile)"));
+    }
+
+    #[test]
+    fn a_lost_node_is_not_counted_as_loaded_and_is_named_with_why() {
+        let loaded = status(Phase::Loaded, "v1", 1);
+        let mut nodes = BTreeMap::new();
+        nodes.insert("a".to_string(), NodeOutcome::Eligible(Some(&loaded)));
+        nodes.insert(
+            "b".to_string(),
+            NodeOutcome::Lost("agent silent since 2026-12-03T12:00:00Z".into()),
+        );
+        let plan = Plan::default();
+        let s = aggregate(&Inputs {
+            generation: 1,
+            nodes: &nodes,
+            plan: &plan,
+            on_no_eligible: OnNoEligibleVariant::Skip,
+            previous: &[],
+            now: now(),
+        });
+        assert_eq!(
+            (
+                s.nodes.eligible,
+                s.nodes.loaded,
+                s.nodes.lost,
+                s.nodes.pending
+            ),
+            (2, 1, 1, 0)
+        );
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NodesLost")
+        );
+        assert!(
+            ready
+                .message
+                .contains("b (agent silent since 2026-12-03T12:00:00Z)"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(s.samples[0].node, "b");
+        assert_eq!(s.samples[0].phase, "Lost");
+        assert_eq!(s.variant_summary.as_deref(), Some("v1=1"));
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Context {
     pub announced: std::sync::Mutex<HashSet<String>>,
     /// How long deletion waits for the agents.
     pub unload_timeout: Duration,
+    /// Which agents are alive (their liveness Leases).
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 /// Nodes waiting to be written, and a wake-up for the writer.

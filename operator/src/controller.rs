@@ -22,6 +22,7 @@ use kube::ResourceExt;
 use crate::aggregate::{aggregate, Inputs, NodeOutcome};
 pub use crate::context::{Context, ProgramTargets};
 use crate::facts::FactsIndex;
+use crate::liveness::{older_boot, Agent};
 use crate::rollout::{plan, NodeProgress};
 use crate::status::{announce, no_nodes_message, set_condition, write_status};
 use crate::Error;
@@ -245,6 +246,8 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
     let mut query_nodes = HashSet::new();
     let mut candidates_by_node: HashMap<String, Arc<ProgramAssignment>> = HashMap::new();
     let mut assignment_by_key: HashMap<&str, Arc<ProgramAssignment>> = HashMap::new();
+    // Nodes whose report does not count: a lost agent, or a report from an older boot.
+    let mut discounted: HashSet<String> = HashSet::new();
     for node in &selected {
         let (key, node_facts) = facts
             .by_node
@@ -280,6 +283,17 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
         if let Some(why) = facts.untrusted.get(node) {
             outcomes.insert(node.clone(), NodeOutcome::Pending(why.clone()));
             continue;
+        }
+        let report_boot = states
+            .get(node)
+            .and_then(|s| s.status.as_ref())
+            .and_then(|st| st.boot_id.as_deref());
+        let unbelieved = match reported {
+            Some(r) => discount(ctx, &p, node, r, report_boot).await,
+            None => None,
+        };
+        if unbelieved.is_some() {
+            discounted.insert(node.clone());
         }
         match d.outcome() {
             Outcome::Pending => {
@@ -333,14 +347,19 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
                     .clone();
                 candidates_by_node.insert(node.clone(), assignment);
                 eligible.push(node.clone());
+                let counted = unbelieved.is_none();
                 outcomes.insert(
                     node.clone(),
-                    match ignored {
-                        Some(why) => NodeOutcome::Ignored(why),
-                        None => NodeOutcome::Eligible(reported),
+                    match (ignored, unbelieved) {
+                        (Some(why), _) => NodeOutcome::Ignored(why),
+                        (None, Some(outcome)) => outcome,
+                        (None, None) => NodeOutcome::Eligible(reported),
                     },
                 );
-                if let Some(r) = reported.filter(|r| r.observed_generation == generation) {
+                if let Some(r) = reported
+                    .filter(|r| r.observed_generation == generation)
+                    .filter(|_| counted)
+                {
                     match r.phase {
                         Phase::Degraded => {
                             let why = r
@@ -391,9 +410,11 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
                         .find(|a| a.name == name)
                         .map(|a| a.generation)
                 }),
+                // A lost node, or one rebooted since it reported, has shown nothing yet.
                 reported: believed(node, st.map(|s| &**s), &name)
                     .ok()
                     .flatten()
+                    .filter(|_| !discounted.contains(node.as_str()))
                     .map(|ps| (ps.observed_generation, ps.phase)),
             }
         })
@@ -446,6 +467,7 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
         ("failed", status.nodes.failed),
         ("unsupported", status.nodes.unsupported),
         ("pending", status.nodes.pending),
+        ("lost", status.nodes.lost),
     ] {
         ctx.metrics
             .nodes
@@ -458,6 +480,66 @@ async fn apply(p: Arc<BpfPolyProgram>, ctx: &Context) -> Result<Action, Error> {
     }
     write_status(ctx, &p, status).await?;
     Ok(Action::await_change())
+}
+
+/// Whether `node`'s believed report `r` still counts, from its agent's liveness: `None` when
+/// it does; otherwise the outcome to show instead (lost, or waiting for a rebooted node's
+/// first report), announced once per episode. A node counted again after a loss is announced
+/// as returned.
+async fn discount<'a>(
+    ctx: &Context,
+    p: &BpfPolyProgram,
+    node: &str,
+    r: &ProgramStatus,
+    report_boot: Option<&str>,
+) -> Option<NodeOutcome<'a>> {
+    let last = match &r.variant {
+        Some(v) => format!("{:?} ({v})", r.phase),
+        None => format!("{:?}", r.phase),
+    };
+    match ctx.liveness.agent(node) {
+        Agent::Lost { since, why } => {
+            ctx.liveness.record_loss(node, since);
+            announce(
+                ctx,
+                p,
+                &format!("lost/{node}/{since}"),
+                EventType::Warning,
+                "NodeLost",
+                &format!("node {node}: {why}; its last report ({last}) is not counted as running"),
+            )
+            .await;
+            Some(NodeOutcome::Lost(format!("{why}; last reported {last}")))
+        }
+        Agent::Alive { boot_id } => {
+            if let Some(why) = older_boot(node, boot_id.as_deref(), report_boot) {
+                announce(
+                    ctx,
+                    p,
+                    &format!("rebooted/{node}/{}", boot_id.unwrap_or_default()),
+                    EventType::Normal,
+                    "NodeRebooted",
+                    &why,
+                )
+                .await;
+                return Some(NodeOutcome::Pending(why));
+            }
+            if let Some(since) = ctx.liveness.last_loss(node) {
+                announce(
+                    ctx,
+                    p,
+                    &format!("returned/{node}/{since}"),
+                    EventType::Normal,
+                    "NodeReturned",
+                    &format!(
+                        "node {node}: its agent is back (lost since {since:.0}) and reports {last}"
+                    ),
+                )
+                .await;
+            }
+            None
+        }
+    }
 }
 
 /// Replaces a program's targets and marks every node that held or holds it dirty.
@@ -558,6 +640,7 @@ fn forget(ctx: &Context, name: &str) {
         "failed",
         "unsupported",
         "pending",
+        "lost",
     ] {
         let _ = ctx.metrics.nodes.remove_label_values(&[name, phase]);
     }

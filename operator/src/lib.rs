@@ -7,6 +7,7 @@ pub mod explain;
 pub mod facts;
 pub mod intern;
 pub mod leader;
+pub mod liveness;
 pub mod metrics;
 pub mod preflight;
 pub mod rollout;

@@ -43,6 +43,15 @@ enum Command {
         /// Seconds deletion waits for agents to unload before giving up with an Event.
         #[arg(long, default_value_t = 60)]
         unload_timeout: u64,
+        /// Seconds after which a node whose agent has not renewed its liveness Lease
+        /// (`<node-lease-namespace>/bpfpoly-agent-<node>`, renewed every 5 s by default) is
+        /// lost: its last report no longer counts as running, status says why and since when,
+        /// and an Event is published. 0 turns liveness tracking off.
+        #[arg(long, value_name = "SECONDS", default_value_t = bpfpoly_operator::liveness::DEFAULT_NODE_LOST_AFTER_SECS)]
+        node_lost_after: u64,
+        /// Namespace of the agents' liveness Leases.
+        #[arg(long, default_value = bpfpoly_crds::state::NODE_LEASE_NAMESPACE)]
+        node_lease_namespace: String,
     },
     /// Check BpfPolyProgram YAML files offline (multi-document); print every problem with its
     /// field path. Exits 1 if any document is invalid. `-` reads standard input.
@@ -185,6 +194,8 @@ fn main() -> ExitCode {
             lease_seconds,
             identity,
             unload_timeout,
+            node_lost_after,
+            node_lease_namespace,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -210,6 +221,8 @@ fn main() -> ExitCode {
                 identity: identity
                     .unwrap_or_else(|| format!("{}-{}", host.trim(), std::process::id())),
                 unload_timeout: Duration::from_secs(unload_timeout),
+                node_lost_after: Duration::from_secs(node_lost_after),
+                node_lease_namespace,
             };
             block_on(async move {
                 bpfpoly_operator::run::run(opts)

@@ -66,6 +66,10 @@ pub struct Options {
     pub identity: String,
     /// How long deletion waits for the agents to unload.
     pub unload_timeout: Duration,
+    /// A node whose agent Lease is not seen renewed for this long is lost (zero: off).
+    pub node_lost_after: Duration,
+    /// Namespace of the agents' liveness Leases.
+    pub node_lease_namespace: String,
 }
 
 /// Errors that stop the operator.
@@ -216,6 +220,84 @@ where
     (reader, task)
 }
 
+/// Feeds every agent Lease into `liveness`; a change that matters to programs (a node first
+/// seen, a new boot, a lost node renewing again, a deleted Lease) triggers all programs.
+/// Plain renewals do not: they would reconcile everything every few seconds per node.
+async fn watch_leases(
+    api: Api<k8s_openapi::api::coordination::v1::Lease>,
+    liveness: Arc<crate::liveness::Liveness>,
+    trigger: futures::channel::mpsc::UnboundedSender<()>,
+) {
+    let config = watcher::Config::default().labels(bpfpoly_crds::state::AGENT_LEASE_LABEL);
+    let stream = watcher(api, config).backoff(WatchBackoff::default());
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        let fire = match item {
+            Ok(watcher::Event::Apply(l)) => liveness.observe(&l),
+            Ok(watcher::Event::InitApply(l)) => {
+                liveness.observe(&l);
+                false
+            }
+            Ok(watcher::Event::Delete(l)) => {
+                liveness.forget(&l);
+                true
+            }
+            Ok(watcher::Event::InitDone) => {
+                liveness.resynced();
+                true
+            }
+            Ok(watcher::Event::Init) => false,
+            Err(e) => {
+                // Blind, not silent agents: the clock stops for the judgement until the
+                // watch has listed again.
+                liveness.blind();
+                tracing::warn!(error = %e, "agent Lease watch error; retrying");
+                false
+            }
+        };
+        if fire {
+            let _ = trigger.unbounded_send(());
+        }
+    }
+}
+
+/// Notices expiries, which no watch event announces: every second (or a twentieth of the
+/// bound, if shorter), the set of lost nodes among those with a node state is recomputed,
+/// and a change triggers all programs. A loss is reflected in status within the bound plus
+/// this tick and one reconcile.
+async fn notice_losses(
+    liveness: Arc<crate::liveness::Liveness>,
+    states: Store<BpfNodeState>,
+    trigger: futures::channel::mpsc::UnboundedSender<()>,
+) {
+    if liveness.lost_after.is_zero() {
+        return;
+    }
+    let period =
+        (liveness.lost_after / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous = std::collections::BTreeSet::new();
+    loop {
+        tick.tick().await;
+        let names: Vec<String> = states
+            .state()
+            .iter()
+            .map(|s| kube::ResourceExt::name_any(&**s))
+            .collect();
+        let lost = liveness.lost(names.iter().map(String::as_str));
+        if lost != previous {
+            for n in lost.difference(&previous) {
+                tracing::warn!(node = %n, "node lost: its agent Lease was not renewed in time");
+            }
+            previous = lost;
+            if trigger.unbounded_send(()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// A node-written status and who wrote it: a change of writer alone changes what is believed.
 fn status_fingerprint<T: serde::Serialize>(
     status: &Option<T>,
@@ -345,6 +427,16 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
             }
         },
     );
+    let liveness = Arc::new(crate::liveness::Liveness::new(
+        opts.node_lost_after,
+        &opts.node_lease_namespace,
+    ));
+    tokio::spawn(watch_leases(
+        Api::namespaced(client.clone(), &opts.node_lease_namespace),
+        liveness.clone(),
+        tx.clone(),
+    ));
+    tokio::spawn(notice_losses(liveness.clone(), states.clone(), tx.clone()));
     drop(tx);
     tokio::spawn(nodes_task);
     tokio::spawn(profiles_task);
@@ -377,6 +469,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         metrics: metrics.clone(),
         announced: Default::default(),
         unload_timeout: opts.unload_timeout,
+        liveness,
     });
 
     let caches = async {
