@@ -515,8 +515,12 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         let _ = renewing.await;
         match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
             Ok(Ok(true)) => tracing::info!(lease = %opts.lease_name, "released the lease"),
-            Ok(Ok(false)) => tracing::info!(lease = %opts.lease_name, "the lease was not ours any more"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it runs out by itself"),
+            Ok(Ok(false)) => {
+                tracing::info!(lease = %opts.lease_name, "the lease was not ours any more")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not release the lease; it runs out by itself")
+            }
             Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
         }
     }

@@ -594,9 +594,15 @@ async fn a_leader_stopped_with_sigterm_hands_the_lease_to_the_standby_at_once() 
     .await;
     let took = sent.elapsed();
     let status = a.0.wait().unwrap();
-    assert!(status.success(), "replica-a exits cleanly on SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "replica-a exits cleanly on SIGTERM: {status:?}"
+    );
     let log = std::fs::read_to_string(Operator::log_path(19478)).unwrap();
-    assert!(log.contains("released the lease"), "replica-a logs the release:\n{log}");
+    assert!(
+        log.contains("released the lease"),
+        "replica-a logs the release:\n{log}"
+    );
     assert_eq!(
         spec(leases.clone()).await.and_then(|s| s.lease_transitions),
         transitions.map(|t| t + 1),
