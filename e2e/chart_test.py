@@ -426,9 +426,11 @@ class T2Render(unittest.TestCase):
     def test_default_objects(self):
         objs = self.objs("default")
         # ServiceAccount, ClusterRole, ClusterRoleBinding and Job: one each of the pre-delete
-        # hook that unloads the programs on uninstall (uninstall.unloadPrograms).
-        self.assertEqual(kinds(objs), {"ServiceAccount": 3, "ClusterRole": 3, "ClusterRoleBinding": 3, "Role": 2,
-                                       "RoleBinding": 2, "Deployment": 1, "DaemonSet": 1, "ConfigMap": 1, "Job": 1})
+        # hook that unloads the programs on uninstall (uninstall.unloadPrograms). Role and
+        # RoleBinding: events and leader election, and the agents' liveness Leases in
+        # kube-node-lease (one pair for the agent, one for the operator).
+        self.assertEqual(kinds(objs), {"ServiceAccount": 3, "ClusterRole": 3, "ClusterRoleBinding": 3, "Role": 4,
+                                       "RoleBinding": 4, "Deployment": 1, "DaemonSet": 1, "ConfigMap": 1, "Job": 1})
         for o in objs:
             labels = o["metadata"]["labels"]
             self.assertEqual(labels["app.kubernetes.io/instance"], "demo", o["metadata"]["name"])
