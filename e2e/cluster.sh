@@ -52,6 +52,12 @@ our_pid() {
     pid="$(<"$RUN/$name.pid")"
     [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" || return 0
     cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+    # Read in the middle of the exec (the starter shell becoming the daemon), cmdline can
+    # be empty for an instant: read it once more before deciding it is not ours.
+    if [[ -z $cmdline ]]; then
+        sleep 0.1
+        cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+    fi
     [[ $cmdline == *"$name"* && $cmdline == *"$RUN"* ]] && echo "$pid"
     return 0
 }
@@ -251,7 +257,11 @@ wait_etcd() {
     for i in $(seq 100); do
         etcd_healthy && return 0
         pid="$(our_pid etcd)"
-        [[ -n $pid ]] || { show_log_tail etcd; die "etcd exited during start"; }
+        if [[ -z $pid ]]; then
+            sleep 0.5
+            pid="$(our_pid etcd)"
+        fi
+        [[ -n $pid ]] || { show_log_tail etcd; die "etcd exited during start (no live etcd with PID file $RUN/etcd.pid)"; }
         sleep 0.2
     done
     show_log_tail etcd

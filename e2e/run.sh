@@ -275,7 +275,7 @@ cmd_stop() {
   for l in "${VETH}0" "${VETH}2"; do ip link del "$l" 2>/dev/null || true; done
   bash "$REPO/e2e/cluster.sh" down
   if leftovers; then
-    say "stopped: no containers, Pods, programs ($(wc -l <"$RUN/stop-program-ids" 2>/dev/null || echo 0) checked), pins, iptables chains, bridge, veths or qemu left"
+    say "stopped: no containers, Pods, programs ($(cat "$RUN/stop-program-ids" 2>/dev/null | wc -l) checked), pins, iptables chains, bridge, veths or qemu left"
   else
     rc=1
   fi
