@@ -471,14 +471,13 @@ fn check_btf_ext(btf: &[u8], ext: &[u8]) -> Result<(), String> {
     if ext_hdr_len > ext.len() {
         return Err(format!("header length {ext_hdr_len} exceeds the section"));
     }
-    // Fields past `hdr_len` (older headers) read as zero, as in the parser.
-    let field = |at: usize| {
-        if at + 4 <= ext_hdr_len.min(32) {
-            word(ext, at).unwrap_or(0)
-        } else {
-            0
-        }
-    };
+    // The parser copies the first `hdr_len` bytes (at most its 32-byte header) over a
+    // zeroed header: a field cut by a short `hdr_len` keeps its low bytes, fields past it
+    // read as zero. Read the fields from the same copy.
+    let mut header = [0u8; 32];
+    let copied = ext_hdr_len.min(header.len());
+    header[..copied].copy_from_slice(&ext[..copied]);
+    let field = |at: usize| word(&header, at).unwrap_or(0);
     // (offset field, length field, smallest record, records name a section)
     for (what, off_at, min_record, named) in [
         ("func_info", 8, 8, true),
@@ -489,7 +488,12 @@ fn check_btf_ext(btf: &[u8], ext: &[u8]) -> Result<(), String> {
         if len == 0 {
             continue;
         }
-        let start = ext_hdr_len + off;
+        // The parser adds these as u32.
+        let start = u32::try_from(ext_hdr_len)
+            .ok()
+            .and_then(|h| h.checked_add(u32::try_from(off).ok()?))
+            .ok_or_else(|| format!("{what} offset {off} after a {ext_hdr_len}-byte header overflows"))?
+            as usize;
         let data = ext
             .get(start..start + len)
             .filter(|d| d.len() >= 4)

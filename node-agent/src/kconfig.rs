@@ -232,6 +232,9 @@ pub fn externs(elf: &object::File<'_>) -> Result<Externs, Vec<String>> {
             problems.push(problem);
         }
     }
+    if let Err(problem) = layout(&found) {
+        problems.push(problem);
+    }
     if problems.is_empty() {
         Ok(found)
     } else {
@@ -572,17 +575,30 @@ pub fn resolve_object(bytes: &[u8], facts: &KernelFacts) -> Result<Option<Vec<u8
         .map_err(|e| vec![e])
 }
 
-/// `(offset, size)` of each extern in the resolved section, and the section's size.
-fn layout(externs: &Externs) -> (Vec<(u32, u32)>, u32) {
-    let mut at = 0u32;
+/// The most bytes the resolved `.kconfig` section may take: far above any kernel's
+/// configuration strings, and a bound on what a hostile object can make the agent allocate.
+pub const MAX_KCONFIG_BYTES: u64 = 1 << 20;
+
+/// `(offset, size)` of each extern in the resolved section, and the section's size; an
+/// error naming the extern that takes it past [`MAX_KCONFIG_BYTES`].
+fn layout(externs: &Externs) -> Result<(Vec<(u32, u32)>, u32), String> {
+    let mut at = 0u64;
     let mut out = Vec::new();
     for e in &externs.kconfig {
-        let align = e.kind.align().max(1);
+        let align = u64::from(e.kind.align().max(1));
         at = at.div_ceil(align) * align;
-        out.push((at, e.size));
-        at += e.size;
+        let end = at + u64::from(e.size);
+        if end > MAX_KCONFIG_BYTES {
+            return Err(format!(
+                "extern {} ({} bytes) takes the {KCONFIG_SECTION} section past {MAX_KCONFIG_BYTES} bytes",
+                e.name, e.size
+            ));
+        }
+        // Both fit in u32: they are at most MAX_KCONFIG_BYTES.
+        out.push((at as u32, e.size));
+        at = end;
     }
-    (out, at.div_ceil(8).max(1) * 8)
+    Ok((out, (at.div_ceil(8).max(1) * 8) as u32))
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ pub fn resolve(bytes: &[u8], externs: &Externs, values: &[Vec<u8>]) -> Result<Ve
         })
         .collect();
     let kconfig = !externs.is_empty();
-    let (places, data_size) = layout(externs);
+    let (places, data_size) = layout(externs).map_err(|e| bad(&e))?;
     let new_index = shnum;
 
     // The new BTF: the original, patched, with the new names appended to its strings.

@@ -193,7 +193,7 @@ fn layout_aligns_each_extern_naturally() {
         ],
         datasec: 1,
     };
-    let (places, size) = layout(&externs);
+    let (places, size) = layout(&externs).expect("fits");
     assert_eq!(places, vec![(0, 1), (8, 8), (16, 3), (20, 4)]);
     assert_eq!(size, 24);
 }
