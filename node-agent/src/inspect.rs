@@ -492,8 +492,9 @@ fn check_btf_ext(btf: &[u8], ext: &[u8]) -> Result<(), String> {
         let start = u32::try_from(ext_hdr_len)
             .ok()
             .and_then(|h| h.checked_add(u32::try_from(off).ok()?))
-            .ok_or_else(|| format!("{what} offset {off} after a {ext_hdr_len}-byte header overflows"))?
-            as usize;
+            .ok_or_else(|| {
+                format!("{what} offset {off} after a {ext_hdr_len}-byte header overflows")
+            })? as usize;
         let data = ext
             .get(start..start + len)
             .filter(|d| d.len() >= 4)

@@ -48,8 +48,12 @@ fn every_afl_finding_is_answered_without_a_panic() {
         let resolved = kconfig::resolve_object(bytes, &facts);
         println!(
             "{name}: inspect {}, object check {}, kconfig {}",
-            inspected.as_ref().map_or_else(|e| format!("refused ({e})"), |_| "accepted".into()),
-            checked.as_ref().map_or_else(|e| format!("refused ({e})"), |_| "accepted".into()),
+            inspected
+                .as_ref()
+                .map_or_else(|e| format!("refused ({e})"), |_| "accepted".into()),
+            checked
+                .as_ref()
+                .map_or_else(|e| format!("refused ({e})"), |_| "accepted".into()),
             match &resolved {
                 Ok(Some(_)) => "rewritten".to_string(),
                 Ok(None) => "nothing to resolve".to_string(),
