@@ -14,7 +14,7 @@
 # each also without DWARF. The corpus AFL grows is kept in ~/.cache/bpfpoly/fuzz/<target>
 # and seeds the next run.
 #
-# Knobs: BPFPOLY_AFL_SECS       time box per target (default 75 s)
+# Knobs: BPFPOLY_AFL_SECS       time box per target (default 150 s)
 #        BPFPOLY_AFL_MIN_EXECS  executions each target must reach in it (default 1000000)
 #        BPFPOLY_AFL_JOBS       targets fuzzed at once (default: 2, one per core, when the
 #                               machine is otherwise idle (1-min load < 0.5), else 1)
