@@ -14,6 +14,7 @@
 # Result, per kernel (idempotent; a kernel already complete is not fetched again):
 #   ~/.cache/bpfpoly/kernels/<NAME>/vmlinuz      the kernel (bzImage)
 #   ~/.cache/bpfpoly/kernels/<NAME>/release      its release string (uname -r)
+#   ~/.cache/bpfpoly/kernels/<NAME>/config       its configuration (the guests' /boot/config-<release>)
 #   ~/.cache/bpfpoly/kernels/<NAME>/package      the package(s) it came from
 #   ~/.cache/bpfpoly/kernels/<NAME>/vmlinux.btf  its raw BTF
 #   ~/.cache/bpfpoly/kernels/<NAME>/modules/     *.ko (decompressed) and load.order
@@ -54,7 +55,7 @@ done
 
 complete() { # NAME: everything there
     local d="$KCACHE/$1"
-    [[ -s $d/vmlinuz && -s $d/release && -s $d/vmlinux.btf && -s $d/modules/load.order ]]
+    [[ -s $d/vmlinuz && -s $d/release && -s $d/vmlinux.btf && -s $d/modules/load.order && -s $d/config ]]
 }
 
 todo=()
@@ -200,9 +201,9 @@ EOF
 
 # --- one kernel ----------------------------------------------------------------------------
 
-fetch_kernel() { # NAME SUITE IMAGE-REGEX [MODULES-REGEX]
-    local name=$1 suite=$2 image_re=$3 modules_re=${4:-} dir="$KCACHE/$1" t0=$SECONDS
-    local image_pkg modules_pkg work vmlinuz moddir release
+fetch_kernel() { # NAME SUITE IMAGE-REGEX [MODULES-REGEX [CONFIG-REGEX]]
+    local name=$1 suite=$2 image_re=$3 modules_re=${4:-} config_re=${5:-} dir="$KCACHE/$1" t0=$SECONDS
+    local image_pkg modules_pkg config_pkg work vmlinuz moddir release
     image_pkg="$(newest "$image_re")"
     [[ -n $image_pkg ]] || die "$name: no package matching $image_re in $suite"
     modules_pkg=""
@@ -210,13 +211,19 @@ fetch_kernel() { # NAME SUITE IMAGE-REGEX [MODULES-REGEX]
         modules_pkg="$(newest "$modules_re")"
         [[ -n $modules_pkg ]] || die "$name: no package matching $modules_re in $suite"
     fi
-    log "$name ($suite): $image_pkg${modules_pkg:+ + $modules_pkg}"
+    config_pkg=""
+    if [[ -n $config_re ]]; then
+        config_pkg="$(newest "$config_re")"
+        [[ -n $config_pkg ]] || die "$name: no package matching $config_re in $suite"
+    fi
+    log "$name ($suite): $image_pkg${modules_pkg:+ + $modules_pkg}${config_pkg:+ + $config_pkg}"
     mkdir -p "$KCACHE"
     work="$(mktemp -d "$KCACHE/.work-$name.XXXXXX")"
     # shellcheck disable=SC2064 # expand now: the trap must remove this kernel's work dir
     trap "rm -rf '$work'" EXIT
     download "$image_pkg" "$work"
     [[ -z $modules_pkg ]] || download "$modules_pkg" "$work"
+    [[ -z $config_pkg ]] || download "$config_pkg" "$work"
     mkdir -p "$work/root"
     local deb
     for deb in "$work"/*.deb; do
@@ -236,6 +243,14 @@ fetch_kernel() { # NAME SUITE IMAGE-REGEX [MODULES-REGEX]
 
     mkdir -p "$work/out"
     cp "$vmlinuz" "$work/out/vmlinuz"
+    # The kernel's configuration (boot/config-<release>, or beside the modules in newer
+    # packages): the guests get it as /boot/config-<release>, where libbpf and the agent
+    # read CONFIG_* values for __kconfig externs.
+    local config
+    config="$(find "$work/root/boot" "$moddir" -maxdepth 1 \( -name "config-$release" -o -name config \) -type f 2>/dev/null | head -n1 || true)"
+    [[ -n $config ]] || die "$name: no kernel configuration (boot/config-$release) in $image_pkg"
+    grep -q '^CONFIG_BPF=y' "$config" || die "$name: $config does not read as a kernel configuration (no CONFIG_BPF=y)"
+    cp "$config" "$work/out/config"
     log "  extracting BTF"
     bash "$E2E/fetch-btf.sh" --from-vmlinuz "$work/out/vmlinuz" "$work/out/vmlinux.btf"
     local types
@@ -244,7 +259,7 @@ fetch_kernel() { # NAME SUITE IMAGE-REGEX [MODULES-REGEX]
     log "  resolving modules through modules.dep"
     resolve_modules "$moddir" "$work/out/modules"
     echo "$release" >"$work/out/release"
-    echo "$image_pkg${modules_pkg:+ $modules_pkg}" >"$work/out/package"
+    echo "$image_pkg${modules_pkg:+ $modules_pkg}${config_pkg:+ $config_pkg}" >"$work/out/package"
     echo "$types" >"$work/out/btf-types"
     rm -rf "$dir.old"
     [[ ! -e $dir ]] || mv "$dir" "$dir.old"

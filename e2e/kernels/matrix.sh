@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make kernels`: the kernel matrix (part of `make test`). Starts the stack of `make run` with
 # every Debian kernel of e2e/kernels/kernels.list as a real-kernel node (qemu microVMs) plus
-# this host, runs matrix_test.py (exact per-kernel expectations; writes
+# this host, runs the verifier matrix (verify_matrix.py) and matrix_test.py (exact per-kernel expectations; writes
 # target/kernels/matrix.json), and stops what it started. Root, qemu and BPF are required:
 # without them it fails with the reason (BPFPOLY_SKIP_PRIVILEGED=1 skips it, saying so).
 set -euo pipefail
@@ -25,6 +25,11 @@ bash "$REPO/e2e/kernels/fetch.sh" $BPFPOLY_KERNELS
 echo "[bpfpoly] kernels: explain offline on each kernel's BTF (BPFPOLY_REQUIRE_KERNELS=1)"
 (cd "$REPO" && BPFPOLY_REQUIRE_KERNELS=1 cargo test -q -p bpfpoly-operator --test explain_offline 2>&1 | tail -n 3) \
   || { echo "[bpfpoly] kernels: explain_offline failed" >&2; exit 1; }
+# The verifier matrix: bpfpoly-agent verify against bpftool prog loadall on every kernel and
+# this host, program by program (no cluster; the guests boot without a network).
+# shellcheck disable=SC2086 # a list of kernels
+python3 "$REPO/e2e/kernels/verify_matrix.py" $BPFPOLY_KERNELS \
+  || { echo "[bpfpoly] kernels: the verifier matrix failed" >&2; exit 1; }
 echo "[bpfpoly] kernels: starting the stack with kernels: $BPFPOLY_KERNELS (log .run/matrix-run.log)"
 set +e +o pipefail
 bash "$REPO/e2e/run.sh" run 2>&1 | tee "$REPO/.run/matrix-run.log" | grep --line-buffered -E '^\[bpfpoly\] (vm|kernels|[0-9]/6)'

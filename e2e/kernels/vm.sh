@@ -8,6 +8,10 @@
 #   bash e2e/kernels/vm.sh stop [KERNEL...]  power the VMs off and delete their Nodes (default: all)
 #   bash e2e/kernels/vm.sh kill KERNEL       power one off abruptly (SIGKILL: a node lost)
 #   bash e2e/kernels/vm.sh status            which VMs run
+#   bash e2e/kernels/vm.sh verify KERNEL OBJDIR CONSOLE
+#                                            boot KERNEL without a network, run `bpftool prog
+#                                            loadall` and `bpfpoly-agent verify` on every
+#                                            object of OBJDIR, write the console, power off
 #   bash e2e/kernels/vm.sh node-name KERNEL  the node name of a kernel (5.10 -> debian-5-10)
 #
 # Network: ONLY qemu's user network with restrict=on. The guest reaches the API server on the
@@ -70,12 +74,13 @@ build_base() {
     local k=$1 out="$TARGET/kernels/$1" mods="$CACHE/kernels/$1/modules"
     local cpio="$out/base.cpio"
     [[ -x $AGENT ]] || die "$AGENT missing: cargo build --release -p bpfpoly-agent"
-    if [[ -s $cpio && $cpio -nt $AGENT && $cpio -nt $HERE/guest-init && $cpio -nt $mods/load.order ]]; then
+    if [[ -s $cpio && $cpio -nt $AGENT && $cpio -nt $HERE/guest-init && $cpio -nt $mods/load.order && $cpio -nt $CACHE/kernels/$k/config ]]; then
         return 0
     fi
     local root="$out/root"
     rm -rf "$root"
-    mkdir -p "$root"/{bin,sbin,etc/bpfpoly,lib/modules,lib64,proc,sys,dev,tmp,run}
+    mkdir -p "$root"/{bin,sbin,boot,etc/bpfpoly,lib/modules,lib64,proc,sys,dev,tmp,run}
+    cp "$CACHE/kernels/$k/config" "$root/boot/config-$(cat "$CACHE/kernels/$k/release")"
     cp /bin/busybox "$root/bin/busybox"
     strip -o "$root/bin/bpfpoly-agent" "$AGENT" 2>/dev/null || cp "$AGENT" "$root/bin/bpfpoly-agent"
     # The agent's shared libraries (libc, libm, libgcc_s, the dynamic loader).
@@ -165,6 +170,45 @@ spec:
   taints:
   - {key: bpfpoly.io/no-kubelet, value: "true", effect: NoSchedule}
 EOF
+}
+
+# --- a verifier run -------------------------------------------------------------------------
+
+# verify.cpio: bpftool and its libraries, the objects of OBJDIR, and /etc/bpfpoly/verify
+# (which makes the guest's /init run the verifier comparison and power off instead of
+# joining the cluster). Appended to base.cpio.
+cmd_verify() { # KERNEL OBJDIR CONSOLE
+    local k=$1 objdir=$2 console=$3 work tool lib
+    check_kernel "$k"
+    [[ -d $objdir ]] || die "verify: no object directory $objdir"
+    tool="$(command -v bpftool)" || die "verify: bpftool missing (apt-get install bpftool)"
+    bash "$HERE/fetch.sh" "$k"
+    build_base "$k"
+    work="$(mktemp -d "$TARGET/kernels/$k/verify.XXXXXX")"
+    mkdir -p "$work/root/bin" "$work/root/objects" "$work/root/etc/bpfpoly"
+    cp -L "$tool" "$work/root/bin/bpftool"
+    while read -r lib; do
+        mkdir -p "$work/root$(dirname "$lib")"
+        cp -L "$lib" "$work/root$lib"
+    done < <(ldd "$tool" | grep -o '/[^ ]*' | sort -u)
+    cp "$objdir"/*.o "$work/root/objects/"
+    echo "HOST_EPOCH=$(date +%s)" >"$work/root/etc/bpfpoly/verify"
+    (cd "$work/root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) >"$work/verify.cpio"
+    cat "$TARGET/kernels/$k/base.cpio" "$work/verify.cpio" >"$work/initrd"
+    : >"$console"
+    log "$k: verifier run on $(find "$objdir" -maxdepth 1 -name '*.o' | wc -l) objects (console $console)"
+    # No network device at all: the guest only loads programs and prints to its console.
+    # -no-reboot: its poweroff ends qemu; the timeout bounds a guest that hangs.
+    local rc=0
+    timeout "${BPFPOLY_VERIFY_TIMEOUT:-600}" qemu-system-x86_64 -name "bpfpoly-verify-$k" -accel tcg -cpu max -smp 1 -m "$MEMORY" \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -serial "file:$console" -monitor none \
+        -kernel "$CACHE/kernels/$k/vmlinuz" -initrd "$work/initrd" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on" \
+        -device virtio-rng-pci </dev/null >"$work/qemu.log" 2>&1 || rc=$?
+    [[ $rc -eq 0 ]] || { cat "$work/qemu.log" >&2; tail -n 20 "$console" >&2; rm -rf "$work"; die "$k: the verifier guest did not power off (qemu status $rc)"; }
+    rm -rf "$work"
+    grep -aq 'bpfpoly-verify: done' "$console" || { tail -n 20 "$console" >&2; die "$k: the verifier guest did not finish (console: $console)"; }
 }
 
 # --- commands ------------------------------------------------------------------------------
@@ -293,5 +337,6 @@ case "${1:-}" in
     node-name) node_name "$2" ;;
     metrics-port) metrics_port "$2" ;;
     list) known ;;
-    *) die "usage: vm.sh start|wait|stop|kill|status|node-name|metrics-port|list ..." ;;
+    verify) shift; [[ $# -eq 3 ]] || die "usage: vm.sh verify KERNEL OBJDIR CONSOLE"; cmd_verify "$@" ;;
+    *) die "usage: vm.sh start|wait|stop|kill|status|verify|node-name|metrics-port|list ..." ;;
 esac
