@@ -27,6 +27,7 @@ use crate::metrics::{Metrics, ProgramSnapshot};
 use crate::retry::{Attempt, LoadBackoff};
 use crate::{btf, probe, profile};
 use bpfpoly_agent::builtin;
+use bpfpoly_runtime::WatchBackoff;
 
 /// Options of `run`.
 #[derive(Clone, Debug)]
@@ -79,53 +80,12 @@ pub enum AgentError {
     /// Metrics.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// No usable kubeconfig (the message names it).
+    #[error(transparent)]
+    Kubeconfig(#[from] bpfpoly_runtime::ClientError),
     /// The HTTP endpoint.
-    #[error("cannot serve metrics on {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
-}
-
-/// Watch retries: 0.5 s doubling to at most 4 s, with jitter. kube's default grows to 30 s,
-/// so after an API server outage the agent noticed it was back up to half a minute late.
-struct WatchBackoff {
-    next: std::time::Duration,
-    seed: u64,
-}
-
-impl WatchBackoff {
-    const MIN: std::time::Duration = std::time::Duration::from_millis(500);
-    const MAX: std::time::Duration = std::time::Duration::from_secs(4);
-}
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        Self {
-            next: Self::MIN,
-            seed: u64::from(nanos ^ std::process::id()) | 1,
-        }
-    }
-}
-
-impl Iterator for WatchBackoff {
-    type Item = std::time::Duration;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        // Jitter in [50%, 100%]: agents of a large cluster do not retry in step.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let delay = self.next.mul_f64(0.5 + (self.seed % 1000) as f64 / 2000.0);
-        self.next = (self.next * 2).min(Self::MAX);
-        Some(delay)
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next = Self::MIN;
-    }
+    #[error(transparent)]
+    Bind(#[from] bpfpoly_runtime::BindError),
 }
 
 /// Config fields that fell back, per program (for `bpfpoly_config_fallbacks`).
@@ -154,22 +114,6 @@ struct Agent {
     boot_id: Option<String>,
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, AgentError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| AgentError::Client(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| AgentError::Client(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| AgentError::Client(e.to_string()))?,
-    };
-    Client::try_from(config).map_err(|e| AgentError::Client(e.to_string()))
-}
-
 fn mount_if_missing(target: &str, fstype: &str) {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounts
@@ -193,7 +137,7 @@ fn mount_if_missing(target: &str, fstype: &str) {
 pub async fn run(opts: Options) -> Result<(), AgentError> {
     mount_if_missing("/sys/fs/bpf", "bpf");
     mount_if_missing("/sys/kernel/tracing", "tracefs");
-    let client = client(opts.kubeconfig.as_ref()).await?;
+    let client = bpfpoly_runtime::client(opts.kubeconfig.as_deref()).await?;
     // Liveness first, and on its own task: it must keep renewing while loads run.
     tokio::spawn(crate::liveness::renew_forever(
         client.clone(),
@@ -293,13 +237,13 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         Api::<BpfNodeProfile>::all(agent.client.clone()),
         watcher::Config::default().fields(&selector),
     )
-    .backoff(WatchBackoff::default())
+    .backoff(WatchBackoff::jittered())
     .applied_objects();
     let states = watcher(
         Api::<BpfNodeState>::all(agent.client.clone()),
         watcher::Config::default().fields(&selector),
     )
-    .backoff(WatchBackoff::default())
+    .backoff(WatchBackoff::jittered())
     .applied_objects();
     let mut profiles = std::pin::pin!(profiles);
     let mut states = std::pin::pin!(states);
@@ -376,6 +320,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// `/metrics` renders the registry with the kernel-side values read at scrape time.
 async fn serve_http(
     addr: SocketAddr,
     metrics: Metrics,
@@ -383,48 +328,18 @@ async fn serve_http(
     config_fallbacks: ConfigFallbacks,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), AgentError> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                let loader = loader.clone();
-                let cf = config_fallbacks.clone();
-                async move {
-                    let snapshot = tokio::task::spawn_blocking(move || snapshot(&loader, &cf))
-                        .await
-                        .unwrap_or_default();
-                    match metrics.render(&snapshot) {
-                        Ok(text) => (StatusCode::OK, text),
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                    }
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: profiling")
-                    }
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| AgentError::Bind(addr, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server stopped");
+    let render = move || {
+        let metrics = metrics.clone();
+        let loader = loader.clone();
+        let cf = config_fallbacks.clone();
+        async move {
+            let snapshot = tokio::task::spawn_blocking(move || snapshot(&loader, &cf))
+                .await
+                .unwrap_or_default();
+            metrics.render(&snapshot).map_err(|e| e.to_string())
         }
-    });
+    };
+    bpfpoly_runtime::serve_http(addr, render, ready, "not ready: profiling").await?;
     Ok(())
 }
 

@@ -9,8 +9,6 @@
 
 use std::{
     collections::HashSet,
-    fs::File,
-    io::{self, Read},
     ops::Range,
     path::{Path, PathBuf},
 };
@@ -35,27 +33,14 @@ const MAX_MODIFIERS: usize = 32;
 /// Why BTF could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    /// The file could not be opened or read.
-    #[error("cannot read BTF file {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
-    },
+    /// The file could not be read within its limit.
+    #[error("BTF: {0}")]
+    File(#[from] bpfpoly_agent::capped::FileError),
     /// The file is empty.
     #[error("BTF file {} is empty", path.display())]
     Empty {
         /// The file.
         path: PathBuf,
-    },
-    /// The file is larger than the limit.
-    #[error("BTF file {} is larger than the limit of {limit} bytes", path.display())]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-        /// The limit in bytes.
-        limit: u64,
     },
     /// The content is not valid BTF.
     #[error("{} is not valid BTF: {reason}", path.display())]
@@ -382,35 +367,9 @@ fn kind_matches(kind: &str, btf_kind: u32) -> bool {
     )
 }
 
-/// Reads at most `max_bytes` (+1 to detect overflow) from `path`. The size is
-/// checked while reading: sysfs files report sizes that may not be exact.
+/// Reads at most `max_bytes` from `path` (see `capped`).
 fn read_capped(path: &Path, max_bytes: u64) -> Result<Vec<u8>, BtfError> {
-    let read_err = |source| BtfError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if meta.is_dir() {
-        return Err(read_err(io::Error::other("is a directory")));
-    }
-    if meta.len() > max_bytes {
-        return Err(BtfError::TooLarge {
-            path: path.to_path_buf(),
-            limit: max_bytes,
-        });
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(BtfError::TooLarge {
-            path: path.to_path_buf(),
-            limit: max_bytes,
-        });
-    }
-    Ok(bytes)
+    Ok(bpfpoly_agent::capped::read_path(path, max_bytes)?)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     fs::{self, File},
-    io::{self, Read},
+    io,
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::{Component, Path, PathBuf},
 };
@@ -280,18 +280,11 @@ pub fn fetch_path(
         size,
         limit: max_bytes,
     };
-    if meta.len() > max_bytes {
-        return Err(too_large(meta.len()));
-    }
-    // The file may grow after the size check: read at most one byte past the limit.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    (&mut file)
-        .take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(too_large(bytes.len() as u64));
-    }
+    let bytes =
+        crate::capped::read_file(&mut file, meta.len(), max_bytes).map_err(|e| match e {
+            crate::capped::Capped::Io(e) => io_err(e),
+            crate::capped::Capped::TooLarge(size) => too_large(size),
+        })?;
     check_sha256(&bytes, Some(sha256))?;
     Ok(bytes)
 }

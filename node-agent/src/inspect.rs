@@ -8,12 +8,7 @@
 //! is checked for the things the loader's parser takes on trust (section and
 //! symbol bounds, sizes) before it runs, and every problem is an error.
 
-use std::{
-    collections::BTreeMap,
-    fs::File,
-    io::{self, Read},
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::Path};
 
 use aya_obj::{maps::Map, EbpfSectionKind, Object, ParseError, ProgramSection};
 use bpfpoly_crds::requirement::MAP_TYPES;
@@ -116,22 +111,9 @@ pub struct GlobalInfo {
 /// Why an object cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    /// The file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// The file is larger than the limit.
-    #[error("{} is larger than the limit of {limit} bytes", path.display())]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-        /// The limit in bytes.
-        limit: u64,
-    },
+    /// The file could not be read within its limit.
+    #[error(transparent)]
+    File(#[from] crate::capped::FileError),
     /// Zero bytes.
     #[error("empty file (0 bytes), not an eBPF object")]
     Empty,
@@ -160,29 +142,7 @@ pub enum InspectError {
 
 /// Reads (at most `max_bytes`) and inspects an object file.
 pub fn inspect_file(path: &Path, max_bytes: u64) -> Result<ObjectInfo, InspectError> {
-    let read_err = |source| InspectError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if meta.is_dir() {
-        return Err(read_err(io::Error::other("is a directory")));
-    }
-    let too_large = || InspectError::TooLarge {
-        path: path.to_path_buf(),
-        limit: max_bytes,
-    };
-    if meta.len() > max_bytes {
-        return Err(too_large());
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(too_large());
-    }
+    let bytes = crate::capped::read_path(path, max_bytes)?;
     inspect_bytes(&bytes)
 }
 

@@ -3,6 +3,7 @@
 //! binary (`main.rs`) adds the CLI, the kernel profile and the Kubernetes run loop.
 
 pub mod builtin;
+pub mod capped;
 pub mod fetch;
 pub mod inspect;
 pub mod kconfig;

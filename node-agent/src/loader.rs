@@ -52,7 +52,6 @@ use attempt::{parse_config, Success};
 use candidate::{Failure, Kernel};
 pub use object::Mechanism;
 pub use pins::LinkRecord;
-use report::now_rfc3339;
 
 /// Default bpffs directory of the agent's pins.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/bpfpoly";
@@ -62,6 +61,14 @@ pub const DEFAULT_BYTECODE_DIR: &str = "/var/lib/bpfpoly";
 pub const MAX_FALLBACKS: usize = 32;
 /// Slot of `bpfpoly_dispatch` counting the default path (bpfpoly.h).
 pub const DEFAULT_SLOT: u32 = 256;
+
+/// Now, to the second, as the status timestamps say it.
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
+}
 
 /// Where the loader pins and what bytecode it accepts.
 #[derive(Clone, Debug)]
@@ -338,18 +345,6 @@ impl Loader {
             })
             .collect();
         Some(stats)
-    }
-
-    /// Reads the dispatch counters of `name` (per dispatch key and the default
-    /// path, summed over CPUs). None without counters or when the read fails.
-    pub fn dispatch_counts(&self, name: &str) -> Option<DispatchCounts> {
-        let running = self.running.get(name)?;
-        let mut counts = counters::own(running)?;
-        counts.default = counts.default.wrapping_add(running.carried.default);
-        for (key, n) in &mut counts.per_key {
-            *n = n.wrapping_add(running.carried.per_key.get(key).copied().unwrap_or(0));
-        }
-        Some(counts)
     }
 
     /// Loads `a`, or updates what runs for it, or does nothing when its digest is

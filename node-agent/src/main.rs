@@ -303,9 +303,7 @@ fn profile_cmd(args: ProfileArgs) -> Result<(), Failure> {
 fn inspect_cmd(args: InspectArgs) -> Result<(), Failure> {
     let info = inspect::inspect_file(&args.object, args.max_size).map_err(|e| match e {
         // These already name the file.
-        inspect::InspectError::Read { .. } | inspect::InspectError::TooLarge { .. } => {
-            Failure::runtime(e)
-        }
+        inspect::InspectError::File(_) => Failure::runtime(e),
         other => Failure::runtime(format!("{}: {other}", args.object.display())),
     })?;
     print_json(&info)
@@ -383,20 +381,7 @@ fn verify_cmd(args: VerifyArgs) -> Result<(), Failure> {
 }
 
 fn read_object(path: &std::path::Path, max: u64) -> Result<Vec<u8>, Failure> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)
-        .map_err(|e| Failure::runtime(format!("cannot read {}: {e}", path.display())))?;
-    let mut bytes = Vec::new();
-    file.take(max.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| Failure::runtime(format!("cannot read {}: {e}", path.display())))?;
-    if bytes.len() as u64 > max {
-        return Err(Failure::runtime(format!(
-            "{} is larger than the limit of {max} bytes",
-            path.display()
-        )));
-    }
-    Ok(bytes)
+    bpfpoly_agent::capped::read_path(path, max).map_err(Failure::runtime)
 }
 
 /// One built-in object as `builtins` lists it.

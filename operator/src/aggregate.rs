@@ -311,6 +311,23 @@ mod tests {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
     }
 
+    /// `aggregate` of a generation with no previous status.
+    fn summarize(
+        generation: i64,
+        nodes: &BTreeMap<String, NodeOutcome<'_>>,
+        plan: &Plan,
+        on_no_eligible: OnNoEligibleVariant,
+    ) -> BpfPolyProgramStatus {
+        aggregate(&Inputs {
+            generation,
+            nodes,
+            plan,
+            on_no_eligible,
+            previous: &[],
+            now: now(),
+        })
+    }
+
     #[test]
     fn counts_conditions_and_samples_name_nodes_and_causes() {
         let mut degraded = status(Phase::Degraded, "tp-btf", 2);
@@ -336,14 +353,7 @@ mod tests {
             paused: false,
             message: "all 2 eligible nodes updated".into(),
         };
-        let s = aggregate(&Inputs {
-            generation: 2,
-            nodes: &nodes,
-            plan: &plan,
-            on_no_eligible: OnNoEligibleVariant::Skip,
-            previous: &[],
-            now: now(),
-        });
+        let s = summarize(2, &nodes, &plan, OnNoEligibleVariant::Skip);
         assert_eq!(
             s.nodes,
             NodeCounts {
@@ -378,14 +388,7 @@ mod tests {
         nodes.insert("a".to_string(), NodeOutcome::Eligible(Some(&old)));
         nodes.insert("b".to_string(), NodeOutcome::Pending("node profile".into()));
         let plan = Plan::default();
-        let s = aggregate(&Inputs {
-            generation: 2,
-            nodes: &nodes,
-            plan: &plan,
-            on_no_eligible: OnNoEligibleVariant::Fail,
-            previous: &[],
-            now: now(),
-        });
+        let s = summarize(2, &nodes, &plan, OnNoEligibleVariant::Fail);
         assert_eq!(s.nodes.pending, 1);
         assert_eq!(s.nodes.loaded, 1);
         let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
@@ -404,14 +407,7 @@ mod tests {
             NodeOutcome::Lost("agent silent since 2026-12-03T12:00:00Z".into()),
         );
         let plan = Plan::default();
-        let s = aggregate(&Inputs {
-            generation: 1,
-            nodes: &nodes,
-            plan: &plan,
-            on_no_eligible: OnNoEligibleVariant::Skip,
-            previous: &[],
-            now: now(),
-        });
+        let s = summarize(1, &nodes, &plan, OnNoEligibleVariant::Skip);
         assert_eq!(
             (
                 s.nodes.eligible,
@@ -442,14 +438,7 @@ mod tests {
     fn a_selector_matching_no_node_is_not_ready_and_says_so() {
         let nodes = BTreeMap::new();
         let plan = Plan::default();
-        let s = aggregate(&Inputs {
-            generation: 1,
-            nodes: &nodes,
-            plan: &plan,
-            on_no_eligible: OnNoEligibleVariant::Skip,
-            previous: &[],
-            now: now(),
-        });
+        let s = summarize(1, &nodes, &plan, OnNoEligibleVariant::Skip);
         assert_eq!(s.nodes.selected, 0);
         let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.status, "False");

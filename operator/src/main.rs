@@ -164,10 +164,7 @@ fn main() -> ExitCode {
             node,
             kubeconfig,
             ..
-        } => block_on(async move {
-            let client = bpfpoly_operator::run::client(kubeconfig.as_ref())
-                .await
-                .map_err(|e| e.to_string())?;
+        } => with_client(kubeconfig, |client| async move {
             let text = bpfpoly_operator::explain::explain(&client, &program, node.as_deref())
                 .await
                 .map_err(|e| format!("explain {program}: {e}"))?;
@@ -177,10 +174,7 @@ fn main() -> ExitCode {
         Command::UnloadAll {
             kubeconfig,
             timeout,
-        } => block_on(async move {
-            let client = bpfpoly_operator::run::client(kubeconfig.as_ref())
-                .await
-                .map_err(|e| e.to_string())?;
+        } => with_client(kubeconfig, |client| async move {
             bpfpoly_operator::unload::unload_all(&client, Duration::from_secs(timeout))
                 .await
                 .map(|_| ())
@@ -294,6 +288,20 @@ fn default_agent_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("bpfpoly-agent"))
 }
 
+/// Runs `f` with a client from `kubeconfig` (or the default chain) on a new runtime.
+fn with_client<F, Fut>(kubeconfig: Option<PathBuf>, f: F) -> ExitCode
+where
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    block_on(async move {
+        let client = bpfpoly_runtime::client(kubeconfig.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        f(client).await
+    })
+}
+
 fn block_on(f: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -339,30 +347,16 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         }
         for r in reports {
             checked += 1;
+            let at = format!("{}: {} (document {})", file.display(), r.object, r.index);
             for w in &r.warnings {
-                eprintln!(
-                    "{}: {} (document {}): warning: {w}",
-                    file.display(),
-                    r.object,
-                    r.index
-                );
+                eprintln!("{at}: warning: {w}");
             }
             if r.errors.is_empty() {
-                println!(
-                    "{}: {} (document {}): valid",
-                    file.display(),
-                    r.object,
-                    r.index
-                );
+                println!("{at}: valid");
             } else {
                 bad += 1;
                 for e in &r.errors {
-                    eprintln!(
-                        "{}: {} (document {}): {e}",
-                        file.display(),
-                        r.object,
-                        r.index
-                    );
+                    eprintln!("{at}: {e}");
                 }
             }
         }

@@ -152,21 +152,31 @@ mod tests {
         }
     }
 
-    fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("n{i:02}")).collect()
-    }
+    const NAMES: [&str; 10] = [
+        "n00", "n01", "n02", "n03", "n04", "n05", "n06", "n07", "n08", "n09",
+    ];
 
-    #[test]
-    fn canary_goes_first_and_alone() {
-        let names = names(10);
-        let nodes: Vec<_> = names
+    /// `n` nodes (at most 10) with nothing assigned and nothing reported yet.
+    fn fresh(n: usize) -> Vec<NodeProgress<'static>> {
+        NAMES[..n]
             .iter()
             .map(|n| NodeProgress {
                 node: n,
                 assigned: None,
                 reported: None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Generation 1 assigned to `n`, and its agent reporting `phase` for it.
+    fn report(n: &mut NodeProgress<'_>, phase: Phase) {
+        n.assigned = Some(1);
+        n.reported = Some((1, phase));
+    }
+
+    #[test]
+    fn canary_goes_first_and_alone() {
+        let nodes = fresh(10);
         let p = plan(1, &rollout(IntOrString::Int(3), 1, 0.5), &nodes);
         assert_eq!(p.updated, BTreeSet::from(["n00".to_string()]));
         assert!(p.message.contains("canary"));
@@ -174,17 +184,8 @@ mod tests {
 
     #[test]
     fn batches_follow_once_the_canary_settles() {
-        let names = names(10);
-        let mut nodes: Vec<_> = names
-            .iter()
-            .map(|n| NodeProgress {
-                node: n,
-                assigned: None,
-                reported: None,
-            })
-            .collect();
-        nodes[0].assigned = Some(1);
-        nodes[0].reported = Some((1, Phase::Loaded));
+        let mut nodes = fresh(10);
+        report(&mut nodes[0], Phase::Loaded);
         let r = rollout(IntOrString::String("30%".into()), 1, 0.5);
         let p = plan(1, &r, &nodes);
         // 30% of 10 = 3 in flight, after the settled canary.
@@ -201,18 +202,9 @@ mod tests {
 
     #[test]
     fn degraded_share_pauses_and_a_new_generation_resumes() {
-        let names = names(6);
-        let mut nodes: Vec<_> = names
-            .iter()
-            .map(|n| NodeProgress {
-                node: n,
-                assigned: None,
-                reported: None,
-            })
-            .collect();
+        let mut nodes = fresh(6);
         for n in nodes.iter_mut().take(2) {
-            n.assigned = Some(1);
-            n.reported = Some((1, Phase::Degraded));
+            report(n, Phase::Degraded);
         }
         let r = rollout(IntOrString::Int(2), 1, 0.5);
         let p = plan(1, &r, &nodes);
@@ -225,15 +217,7 @@ mod tests {
 
     #[test]
     fn zero_canaries_start_with_a_full_batch() {
-        let names = names(8);
-        let nodes: Vec<_> = names
-            .iter()
-            .map(|n| NodeProgress {
-                node: n,
-                assigned: None,
-                reported: None,
-            })
-            .collect();
+        let nodes = fresh(8);
         let p = plan(
             1,
             &rollout(IntOrString::String("100%".into()), 0, 0.5),
@@ -245,17 +229,8 @@ mod tests {
 
     #[test]
     fn a_failed_canary_holds_the_rollout() {
-        let names = names(4);
-        let mut nodes: Vec<_> = names
-            .iter()
-            .map(|n| NodeProgress {
-                node: n,
-                assigned: None,
-                reported: None,
-            })
-            .collect();
-        nodes[0].assigned = Some(1);
-        nodes[0].reported = Some((1, Phase::Failed));
+        let mut nodes = fresh(4);
+        report(&mut nodes[0], Phase::Failed);
         let p = plan(1, &rollout(IntOrString::Int(1), 1, 1.0), &nodes);
         assert_eq!(p.updated.len(), 1);
         assert!(p.message.contains("n00"));

@@ -18,34 +18,7 @@ use kube::{Api, Client};
 use crate::context::Context;
 use crate::controller::{error_policy, reconcile};
 use crate::metrics::Metrics;
-
-/// Watch retries: 0.5 s doubling to at most 4 s. kube's default grows to 30 s and backs off
-/// again on the "too old resource version" that follows an outage, so after the API server
-/// came back the operator took over a minute to see changes.
-#[derive(Clone, Copy)]
-struct WatchBackoff(Duration);
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        Self(Duration::from_millis(500))
-    }
-}
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(4));
-        Some(delay)
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        *self = Self::default();
-    }
-}
+use bpfpoly_runtime::WatchBackoff;
 
 /// Options of `run`.
 #[derive(Clone, Debug)]
@@ -81,88 +54,25 @@ pub enum RunError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// No usable kubeconfig (the message names it).
+    #[error(transparent)]
+    Client(#[from] bpfpoly_runtime::ClientError),
     /// The HTTP endpoint could not bind.
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Bind {
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
-}
-
-/// Builds a client from a kubeconfig path, or the default chain.
-pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, RunError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| RunError::Config(e.to_string()))?,
-    };
-    Client::try_from(config).map_err(|e| RunError::Config(e.to_string()))
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz`.
-pub async fn serve_http(
-    addr: SocketAddr,
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
-) -> Result<(), RunError> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = metrics.clone();
-                async move { m.encode() }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    if ready.load(Ordering::Relaxed) {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "not ready: waiting for caches or the lease",
-                        )
-                    }
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(())
+    #[error(transparent)]
+    Bind(#[from] bpfpoly_runtime::BindError),
 }
 
 /// Starts a reflector. A change of what `fingerprint` covers (or a deletion) sends a
 /// trigger; the operator's own spec writes to node states do not, so they cannot keep the
 /// controller busy with itself.
+/// The reflector runs on its own task.
 fn reflect<K>(
-    api: Api<K>,
-    trigger: futures::channel::mpsc::UnboundedSender<()>,
-    changed: Arc<tokio::sync::Notify>,
+    client: &Client,
+    triggers: &Triggers,
     fingerprint: fn(&K) -> u64,
     quiet_when_new: Option<u64>,
     compact: impl FnMut(&mut K) + Send + 'static,
-) -> (Store<K>, impl std::future::Future<Output = ()>)
+) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -173,9 +83,10 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    let (trigger, changed) = (triggers.all.clone(), triggers.changed.clone());
     // Objects are compacted before they are cached (see the callers).
-    let stream = watcher(api, watcher::Config::default())
-        .backoff(WatchBackoff::default())
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .backoff(WatchBackoff::steady())
         .modify(compact)
         .reflect(writer);
     let task = async move {
@@ -217,7 +128,15 @@ where
             }
         }
     };
-    (reader, task)
+    tokio::spawn(task);
+    reader
+}
+
+/// Where a cache change goes: `all` reconciles every program, `changed` wakes the sweep of
+/// deleted nodes.
+struct Triggers {
+    all: futures::channel::mpsc::UnboundedSender<()>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// Feeds every agent Lease into `liveness`; a change that matters to programs (a node first
@@ -229,7 +148,7 @@ async fn watch_leases(
     trigger: futures::channel::mpsc::UnboundedSender<()>,
 ) {
     let config = watcher::Config::default().labels(bpfpoly_crds::state::AGENT_LEASE_LABEL);
-    let stream = watcher(api, config).backoff(WatchBackoff::default());
+    let stream = watcher(api, config).backoff(WatchBackoff::steady());
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         let fire = match item {
@@ -320,113 +239,39 @@ fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
 }
 
 /// Runs until SIGTERM/SIGINT, or until leadership is lost (then exits non-zero so the
-/// supervisor restarts it as a standby).
+/// supervisor restarts it as a standby). Top-down: serve the endpoints, hold the lease (or
+/// stand by for it), start the caches, reconcile once they are full, hand the lease back.
 pub async fn run(opts: Options) -> Result<(), RunError> {
     // SIGTERM or SIGINT at any point (waiting for the lease, filling the caches, reconciling)
     // ends the run through the same path, which hands the lease back.
     let stop = shutdown_signal();
-    let client = client(opts.kubeconfig.as_ref()).await?;
+    let client = bpfpoly_runtime::client(opts.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
-    serve_http(opts.metrics_addr, metrics.clone(), ready.clone()).await?;
-    tracing::info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
+    serve(&opts, &metrics, &ready).await?;
 
     let lease = if opts.leader_election {
-        let elector = crate::leader::Elector::new(
-            client.clone(),
-            &opts.lease_namespace,
-            &opts.lease_name,
-            &opts.identity,
-            opts.lease_duration.max(Duration::from_secs(2)),
-        );
         // A standby is healthy and ready: it only waits for the lease. (Otherwise the second
         // replica never becomes Ready and rolling updates deadlock.)
         ready.store(true, Ordering::Relaxed);
-        tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
-        let mut last_holder = None;
-        loop {
-            if stop.peek().is_some() {
-                tracing::info!("stopped while standing by");
-                return Ok(());
-            }
-            // The API server may not be reachable yet (or restarting): retry rather than exit.
-            match elector.try_acquire().await {
-                Ok(crate::leader::Attempt::Holding) => break,
-                Ok(crate::leader::Attempt::Standby { holder }) => {
-                    if !holder.is_empty() && last_holder.as_ref() != Some(&holder) {
-                        tracing::info!(%holder, "standing by: the lease is held");
-                        last_holder = Some(holder);
-                    }
-                    let _ = tokio::time::timeout(elector.poll_interval(), stop.clone()).await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
-                    let _ = tokio::time::timeout(Duration::from_secs(2), stop.clone()).await;
-                }
-            }
-        }
+        let Some(elector) = take_lease(&opts, &client, &stop).await else {
+            tracing::info!("stopped while standing by");
+            return Ok(());
+        };
         tracing::info!(identity = %opts.identity, "holding the lease: reconciling");
-        let keeper = elector.clone();
-        let renewing = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(keeper.renew_interval()).await;
-                match keeper.try_acquire().await {
-                    Ok(crate::leader::Attempt::Holding) => {}
-                    Ok(crate::leader::Attempt::Standby { holder }) => {
-                        tracing::error!(%holder, "lost the lease: exiting so a standby takes over");
-                        std::process::exit(3);
-                    }
-                    // Nobody can take the lease while the API server is unreachable.
-                    Err(e) => tracing::warn!(error = %e, "cannot renew the lease; still leading"),
-                }
-            }
-        });
-        Some((elector, renewing))
+        Some((elector.clone(), keep_renewing(elector)))
     } else {
         None
     };
 
     let (tx, rx) = futures::channel::mpsc::unbounded();
     let changed = Arc::new(tokio::sync::Notify::new());
-    // Programs care about node labels, profile status and agent-reported state status.
-    let (nodes, nodes_task) = reflect(
-        Api::<Node>::all(client.clone()),
-        tx.clone(),
-        changed.clone(),
-        |n: &Node| hash_of(&n.metadata.labels),
-        None,
-        // Only names and labels are read: a real Node's status (images, conditions) and
-        // annotations would be most of the cache.
-        |n: &mut Node| {
-            n.status = None;
-            n.spec = None;
-            n.metadata.annotations = None;
-            n.metadata.managed_fields = None;
-        },
-    );
-    let (profiles, profiles_task) = reflect(
-        Api::<BpfNodeProfile>::all(client.clone()),
-        tx.clone(),
-        changed.clone(),
-        |p: &BpfNodeProfile| status_fingerprint(&p.status, &p.metadata),
-        Some(status_fingerprint(&None::<()>, &Default::default())),
-        // managedFields are a large share of each object; only who wrote the status is read.
-        |p: &mut BpfNodeProfile| crate::trust::keep_status_writers(&mut p.metadata),
-    );
-    let (states, states_task) = reflect(
-        Api::<BpfNodeState>::all(client.clone()),
-        tx.clone(),
-        changed.clone(),
-        |s: &BpfNodeState| status_fingerprint(&s.status, &s.metadata),
-        Some(status_fingerprint(&None::<()>, &Default::default())),
-        {
-            let interner = crate::intern::Interner::default();
-            move |s: &mut BpfNodeState| {
-                crate::trust::keep_status_writers(&mut s.metadata);
-                s.spec.programs.iter_mut().for_each(|a| interner.intern(a));
-            }
-        },
-    );
+    let triggers = Triggers {
+        all: tx.clone(),
+        changed: changed.clone(),
+    };
+    let caches = Caches::start(&client, &triggers);
+    drop(triggers);
     let liveness = Arc::new(crate::liveness::Liveness::new(
         opts.node_lost_after,
         &opts.node_lease_namespace,
@@ -436,15 +281,11 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         liveness.clone(),
         tx.clone(),
     ));
-    tokio::spawn(notice_losses(liveness.clone(), states.clone(), tx.clone()));
-    drop(tx);
-    tokio::spawn(nodes_task);
-    tokio::spawn(profiles_task);
-    tokio::spawn(states_task);
+    tokio::spawn(notice_losses(liveness.clone(), caches.states.clone(), tx));
 
     let programs_api = Api::<BpfPolyProgram>::all(client.clone());
     let controller = Controller::new(programs_api, watcher::Config::default())
-        .trigger_backoff(WatchBackoff::default())
+        .trigger_backoff(WatchBackoff::steady())
         .with_config(
             kube::runtime::controller::Config::default()
                 // No debounce: a steady stream of agent reports would keep postponing reconciles.
@@ -453,45 +294,31 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         );
     let ctx = Arc::new(Context {
         client: client.clone(),
-        nodes: nodes.clone(),
-        profiles: profiles.clone(),
-        states: states.clone(),
+        nodes: caches.nodes.clone(),
+        profiles: caches.profiles.clone(),
+        states: caches.states.clone(),
         programs: controller.store(),
         targets: Default::default(),
         dirty: Default::default(),
         recorder: Recorder::new(
-            client.clone(),
+            client,
             Reporter {
                 controller: "bpfpoly-operator".into(),
                 instance: Some(opts.identity.clone()),
             },
         ),
-        metrics: metrics.clone(),
+        metrics,
         announced: Default::default(),
         unload_timeout: opts.unload_timeout,
         liveness,
     });
 
-    let caches = async {
-        for (what, ready) in [
-            ("nodes", nodes.wait_until_ready().await.is_ok()),
-            ("profiles", profiles.wait_until_ready().await.is_ok()),
-            ("states", states.wait_until_ready().await.is_ok()),
-        ] {
-            if !ready {
-                return Err(RunError::Config(format!(
-                    "the {what} cache never became ready"
-                )));
-            }
-        }
-        Ok(())
-    };
     let stopped_early = tokio::select! {
-        r = caches => { r?; false }
+        r = caches.wait_until_ready() => { r?; false }
         () = stop.clone() => true,
     };
     if !stopped_early {
-        tracing::info!(nodes = nodes.state().len(), "caches ready");
+        tracing::info!(nodes = caches.nodes.state().len(), "caches ready");
         ready.store(true, Ordering::Relaxed);
 
         tokio::spawn(crate::writer::run(ctx.clone()));
@@ -510,21 +337,172 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     }
     tracing::info!("shutting down");
     if let Some((elector, renewing)) = lease {
-        // Hand the lease back, so a standby takes over now rather than when the term ends.
-        renewing.abort();
-        let _ = renewing.await;
-        match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
-            Ok(Ok(true)) => tracing::info!(lease = %opts.lease_name, "released the lease"),
-            Ok(Ok(false)) => {
-                tracing::info!(lease = %opts.lease_name, "the lease was not ours any more")
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not release the lease; it runs out by itself")
-            }
-            Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
-        }
+        hand_back(&elector, renewing, &opts.lease_name).await;
     }
     Ok(())
+}
+
+/// `/metrics`, `/healthz` and `/readyz` on `opts.metrics_addr`.
+async fn serve(opts: &Options, metrics: &Metrics, ready: &Arc<AtomicBool>) -> Result<(), RunError> {
+    let render = metrics.clone();
+    bpfpoly_runtime::serve_http(
+        opts.metrics_addr,
+        move || {
+            let text = render.encode();
+            async move { Ok(text) }
+        },
+        ready.clone(),
+        "not ready: waiting for caches or the lease",
+    )
+    .await?;
+    tracing::info!(addr = %opts.metrics_addr, "serving /metrics, /healthz, /readyz");
+    Ok(())
+}
+
+/// Waits until this replica holds the lease; `None` when stopped first.
+async fn take_lease(
+    opts: &Options,
+    client: &Client,
+    stop: &futures::future::Shared<futures::future::BoxFuture<'static, ()>>,
+) -> Option<crate::leader::Elector> {
+    let elector = crate::leader::Elector::new(
+        client.clone(),
+        &opts.lease_namespace,
+        &opts.lease_name,
+        &opts.identity,
+        opts.lease_duration.max(Duration::from_secs(2)),
+    );
+    tracing::info!(lease = %opts.lease_name, namespace = %opts.lease_namespace, identity = %opts.identity, "waiting for the lease");
+    let mut last_holder = None;
+    loop {
+        if stop.peek().is_some() {
+            return None;
+        }
+        // The API server may not be reachable yet (or restarting): retry rather than exit.
+        match elector.try_acquire().await {
+            Ok(crate::leader::Attempt::Holding) => return Some(elector),
+            Ok(crate::leader::Attempt::Standby { holder }) => {
+                if !holder.is_empty() && last_holder.as_ref() != Some(&holder) {
+                    tracing::info!(%holder, "standing by: the lease is held");
+                    last_holder = Some(holder);
+                }
+                let _ = tokio::time::timeout(elector.poll_interval(), stop.clone()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the lease yet; retrying in 2 s");
+                let _ = tokio::time::timeout(Duration::from_secs(2), stop.clone()).await;
+            }
+        }
+    }
+}
+
+/// Renews the lease for as long as this replica runs; losing it exits the process (3), so
+/// that a supervisor restarts it as a standby.
+fn keep_renewing(keeper: crate::leader::Elector) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(keeper.renew_interval()).await;
+            match keeper.try_acquire().await {
+                Ok(crate::leader::Attempt::Holding) => {}
+                Ok(crate::leader::Attempt::Standby { holder }) => {
+                    tracing::error!(%holder, "lost the lease: exiting so a standby takes over");
+                    std::process::exit(3);
+                }
+                // Nobody can take the lease while the API server is unreachable.
+                Err(e) => tracing::warn!(error = %e, "cannot renew the lease; still leading"),
+            }
+        }
+    })
+}
+
+/// Hands the lease back, so a standby takes over now rather than when the term ends.
+async fn hand_back(
+    elector: &crate::leader::Elector,
+    renewing: tokio::task::JoinHandle<()>,
+    lease_name: &str,
+) {
+    renewing.abort();
+    let _ = renewing.await;
+    match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+        Ok(Ok(true)) => tracing::info!(lease = %lease_name, "released the lease"),
+        Ok(Ok(false)) => {
+            tracing::info!(lease = %lease_name, "the lease was not ours any more")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release the lease; it runs out by itself")
+        }
+        Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
+    }
+}
+
+/// What programs depend on, cached: node labels, profile status and agent-reported state
+/// status. A change that matters triggers every program (`reflect`).
+struct Caches {
+    nodes: Store<Node>,
+    profiles: Store<BpfNodeProfile>,
+    states: Store<BpfNodeState>,
+}
+
+impl Caches {
+    /// Starts the three reflectors on their own tasks.
+    fn start(client: &Client, triggers: &Triggers) -> Self {
+        // What a node state or profile the operator itself just created looks like: no status.
+        let no_status = Some(status_fingerprint(&None::<()>, &Default::default()));
+        let nodes = reflect(
+            client,
+            triggers,
+            |n: &Node| hash_of(&n.metadata.labels),
+            None,
+            // Only names and labels are read: a real Node's status (images, conditions) and
+            // annotations would be most of the cache.
+            |n: &mut Node| {
+                n.status = None;
+                n.spec = None;
+                n.metadata.annotations = None;
+                n.metadata.managed_fields = None;
+            },
+        );
+        let profiles = reflect(
+            client,
+            triggers,
+            |p: &BpfNodeProfile| status_fingerprint(&p.status, &p.metadata),
+            no_status,
+            // managedFields are a large share of each object; only who wrote the status is read.
+            |p: &mut BpfNodeProfile| crate::trust::keep_status_writers(&mut p.metadata),
+        );
+        let interner = crate::intern::Interner::default();
+        let states = reflect(
+            client,
+            triggers,
+            |s: &BpfNodeState| status_fingerprint(&s.status, &s.metadata),
+            no_status,
+            move |s: &mut BpfNodeState| {
+                crate::trust::keep_status_writers(&mut s.metadata);
+                s.spec.programs.iter_mut().for_each(|a| interner.intern(a));
+            },
+        );
+        Self {
+            nodes,
+            profiles,
+            states,
+        }
+    }
+
+    /// Resolves once every cache has listed; an error names the one that never did.
+    async fn wait_until_ready(&self) -> Result<(), RunError> {
+        for (what, ready) in [
+            ("nodes", self.nodes.wait_until_ready().await.is_ok()),
+            ("profiles", self.profiles.wait_until_ready().await.is_ok()),
+            ("states", self.states.wait_until_ready().await.is_ok()),
+        ] {
+            if !ready {
+                return Err(RunError::Config(format!(
+                    "the {what} cache never became ready"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT (cloneable: every waiter sees the same signal).

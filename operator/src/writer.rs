@@ -176,11 +176,33 @@ fn desired_queries(ctx: &Context, node: &str) -> Vec<String> {
     set.into_iter().cloned().collect()
 }
 
+/// The operator's server-side apply of `spec` to the node's `K` (named as the node); one
+/// node write in the metrics.
+async fn apply_spec<K>(
+    ctx: &Context,
+    node: &str,
+    spec: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": node},
+        "spec": spec,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+    ctx.metrics.node_writes.inc();
+    Ok(())
+}
+
 async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
     if ctx.nodes.get(&ObjectRef::new(node)).is_none() {
         return Ok(()); // deleted; the sweep removes what is left
     }
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
     let state = ctx.states.get(&ObjectRef::new(node));
     let current = state
         .as_ref()
@@ -188,16 +210,9 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
         .unwrap_or_default();
     let want = desired_programs(ctx, node, &current);
     if want != current || (state.is_none() && !want.is_empty()) {
-        let api: Api<BpfNodeState> = Api::all(ctx.client.clone());
-        let patch = serde_json::json!({
-            "apiVersion": "bpfpoly.io/v1alpha1",
-            "kind": "BpfNodeState",
-            "metadata": {"name": node},
-            "spec": {"programs": want},
-        });
-        api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+        let spec = serde_json::json!({"programs": want});
+        apply_spec::<BpfNodeState>(ctx, node, spec).await?;
         tracing::debug!(%node, programs = want.len(), "wrote node state");
-        ctx.metrics.node_writes.inc();
     }
     let profile = ctx.profiles.get(&ObjectRef::new(node));
     let have = profile
@@ -206,16 +221,9 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
         .unwrap_or_default();
     let queries = desired_queries(ctx, node);
     if queries != have {
-        let api: Api<BpfNodeProfile> = Api::all(ctx.client.clone());
-        let patch = serde_json::json!({
-            "apiVersion": "bpfpoly.io/v1alpha1",
-            "kind": "BpfNodeProfile",
-            "metadata": {"name": node},
-            "spec": {"queries": queries},
-        });
-        api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+        let spec = serde_json::json!({"queries": queries});
+        apply_spec::<BpfNodeProfile>(ctx, node, spec).await?;
         tracing::debug!(%node, queries = queries.len(), "wrote node queries");
-        ctx.metrics.node_writes.inc();
     }
     Ok(())
 }
@@ -243,25 +251,26 @@ pub async fn sweep_on_change(ctx: Arc<Context>, changed: Arc<Notify>) {
 /// Deletes the states and profiles of nodes that no longer exist.
 pub async fn sweep_deleted_nodes(ctx: &Context) {
     let nodes: BTreeSet<String> = ctx.nodes.state().iter().map(|n| n.name_any()).collect();
-    let dp = DeleteParams::default();
-    for s in ctx.states.state() {
-        let name = s.name_any();
-        if !nodes.contains(&name) {
-            let api: Api<BpfNodeState> = Api::all(ctx.client.clone());
-            match api.delete(&name, &dp).await {
-                Ok(_) => tracing::info!(node = %name, "node deleted: removed its BpfNodeState"),
-                Err(e) => tracing::warn!(node = %name, error = %e, "cannot remove BpfNodeState"),
-            }
-        }
-    }
-    for p in ctx.profiles.state() {
-        let name = p.name_any();
-        if !nodes.contains(&name) {
-            let api: Api<BpfNodeProfile> = Api::all(ctx.client.clone());
-            match api.delete(&name, &dp).await {
-                Ok(_) => tracing::info!(node = %name, "node deleted: removed its BpfNodeProfile"),
-                Err(e) => tracing::warn!(node = %name, error = %e, "cannot remove BpfNodeProfile"),
-            }
+    let gone = |names: Vec<String>| -> Vec<String> {
+        names.into_iter().filter(|n| !nodes.contains(n)).collect()
+    };
+    let states = gone(ctx.states.state().iter().map(|s| s.name_any()).collect());
+    let profiles = gone(ctx.profiles.state().iter().map(|p| p.name_any()).collect());
+    delete_all::<BpfNodeState>(ctx, states).await;
+    delete_all::<BpfNodeProfile>(ctx, profiles).await;
+}
+
+/// Deletes each named `K`, logging what was removed and what could not be.
+async fn delete_all<K>(ctx: &Context, names: Vec<String>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(ctx.client.clone());
+    let kind = K::kind(&());
+    for name in names {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(node = %name, "node deleted: removed its {kind}"),
+            Err(e) => tracing::warn!(node = %name, error = %e, "cannot remove {kind}"),
         }
     }
 }

@@ -150,14 +150,7 @@ pub(super) fn describe(btf: &RawBtf<'_>, mut id: u32) -> (String, String, Option
 /// Type `id`'s record; id 0 is `void`.
 fn lookup(btf: &RawBtf<'_>, id: u32) -> Option<Record> {
     if id == 0 {
-        return Some(Record {
-            at: 0,
-            name_off: 0,
-            kind: 0,
-            vlen: 0,
-            size_or_type: 0,
-            kind_flag: false,
-        });
+        return Some(Record::VOID);
     }
     btf.record(id).copied()
 }

@@ -51,6 +51,18 @@ pub(crate) struct Record {
     pub kind_flag: bool,
 }
 
+impl Record {
+    /// Type id 0, `void`, which has no record in the blob.
+    pub const VOID: Record = Record {
+        at: 0,
+        name_off: 0,
+        kind: 0,
+        vlen: 0,
+        size_or_type: 0,
+        kind_flag: false,
+    };
+}
+
 /// A parsed view of raw BTF.
 pub(crate) struct RawBtf<'a> {
     pub bytes: &'a [u8],
@@ -85,14 +97,7 @@ impl<'a> RawBtf<'a> {
         let (types_start, types_end) =
             end(type_off, type_len).ok_or("type section out of bounds")?;
         end(str_off, str_len).ok_or("string section out of bounds")?;
-        let mut records = vec![Record {
-            at: 0,
-            name_off: 0,
-            kind: 0,
-            vlen: 0,
-            size_or_type: 0,
-            kind_flag: false,
-        }];
+        let mut records = vec![Record::VOID];
         let mut at = types_start;
         while at < types_end {
             let name_off = u32_at(bytes, at).ok_or("truncated type")?;

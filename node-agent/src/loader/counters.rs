@@ -6,7 +6,21 @@ use std::path::Path;
 
 use aya::maps::{Map, MapData, PerCpuArray};
 
-use super::{pins, DispatchCounts, Running, DEFAULT_SLOT};
+use super::{pins, DispatchCounts, Loader, Running, DEFAULT_SLOT};
+
+impl Loader {
+    /// Reads the dispatch counters of `name` (per dispatch key and the default
+    /// path, summed over CPUs). None without counters or when the read fails.
+    pub fn dispatch_counts(&self, name: &str) -> Option<DispatchCounts> {
+        let running = self.running.get(name)?;
+        let mut counts = own(running)?;
+        counts.default = counts.default.wrapping_add(running.carried.default);
+        for (key, n) in &mut counts.per_key {
+            *n = n.wrapping_add(running.carried.per_key.get(key).copied().unwrap_or(0));
+        }
+        Some(counts)
+    }
+}
 
 /// The counts in `running`'s own counter map (per key and the default path, summed over CPUs).
 pub(super) fn own(running: &Running) -> Option<DispatchCounts> {

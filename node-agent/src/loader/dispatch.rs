@@ -77,6 +77,29 @@ fn handler_rejected(
     Ok(())
 }
 
+/// A slot whose handler is not a program of the variant is rejected as the policy says:
+/// `Ok(true)` when its keys take the default path, `Err` when the variant is rejected.
+/// `Ok(false)`: the handler is the variant's, to load.
+fn reject_foreign(
+    input: &Input<'_>,
+    slot: &DispatchSlot,
+    loaded: &mut Loaded,
+) -> Result<bool, Failure> {
+    if in_variant(input.variant, &slot.handler) {
+        return Ok(false);
+    }
+    let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
+    handler_rejected(
+        input,
+        slot.key,
+        &slot.handler,
+        f,
+        &mut loaded.handlers,
+        &mut loaded.fallbacks,
+    )?;
+    Ok(true)
+}
+
 fn slot_loaded(key: u32, handler: &str) -> HandlerState {
     HandlerState {
         key,
@@ -105,16 +128,7 @@ pub(super) fn load_tail_call(
     let mut results: BTreeMap<String, Result<u32, Failure>> = BTreeMap::new();
     let mut fill = Vec::new();
     for slot in &dispatch.slots {
-        if !in_variant(input.variant, &slot.handler) {
-            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
-            handler_rejected(
-                input,
-                slot.key,
-                &slot.handler,
-                f,
-                &mut loaded.handlers,
-                &mut loaded.fallbacks,
-            )?;
+        if reject_foreign(input, slot, &mut loaded)? {
             continue;
         }
         let result = match results.get(&slot.handler) {
@@ -399,17 +413,7 @@ pub(super) fn load_freplace(
         })
     })?;
     for slot in &dispatch.slots {
-        if !in_variant(input.variant, &slot.handler) {
-            let f = not_in_variant(slot.key, &slot.handler, &input.variant.name);
-            handler_rejected(
-                input,
-                slot.key,
-                &slot.handler,
-                f,
-                &mut loaded.handlers,
-                &mut loaded.fallbacks,
-            )
-            .map_err(Freplace::Variant)?;
+        if reject_foreign(input, slot, &mut loaded).map_err(Freplace::Variant)? {
             continue;
         }
         replace_slot(input, slot, &target, &mut handlers_ebpf, &mut loaded)?;

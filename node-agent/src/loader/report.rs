@@ -7,13 +7,6 @@ use bpfpoly_crds::state::{FallbackRecord, HandlerState, ResolvedConfig};
 
 use super::{LinkRecord, RunningInfo, MAX_FALLBACKS};
 
-pub(super) fn now_rfc3339() -> String {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    k8s_openapi::jiff::Timestamp::from_second(now.as_second())
-        .unwrap_or(now)
-        .to_string()
-}
-
 pub(super) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
