@@ -11,6 +11,7 @@ use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
+use kube::ResourceExt;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
@@ -91,5 +92,30 @@ impl Dirty {
         )
         .into_iter()
         .collect()
+    }
+}
+
+impl Context {
+    /// Replaces a program's targets and marks every node that held or holds it dirty.
+    pub fn publish_targets(&self, name: &str, targets: ProgramTargets) {
+        let mut touched: BTreeSet<String> = targets.keep.iter().cloned().collect();
+        touched.extend(targets.query_nodes.iter().cloned());
+        {
+            let mut all = self
+                .targets
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(old) = all.insert(name.to_string(), targets) {
+                touched.extend(old.keep);
+                touched.extend(old.query_nodes);
+            }
+        }
+        // Nodes that still hold the program but are no longer selected.
+        for s in self.states.state() {
+            if s.spec.programs.iter().any(|a| a.name == name) {
+                touched.insert(s.name_any());
+            }
+        }
+        self.dirty.mark(touched);
     }
 }

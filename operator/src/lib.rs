@@ -1,6 +1,7 @@
 //! The bpfpoly operator: BTF-gated, per-node variant selection and safe rollout.
 
 pub mod aggregate;
+pub mod apply;
 pub mod context;
 pub mod controller;
 pub mod explain;
