@@ -71,128 +71,203 @@ fn reported_reason(s: &ProgramStatus) -> String {
     }
 }
 
-/// Builds the status.
+/// The program's status: node counts, conditions, variants and samples.
 pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
-    let mut counts = NodeCounts {
-        selected: i.nodes.len() as u32,
-        ..NodeCounts::default()
-    };
-    let mut variants: BTreeMap<String, u32> = BTreeMap::new();
-    let mut degraded = Vec::new();
-    let mut failed = Vec::new();
-    let mut unsupported = Vec::new();
-    let mut pending = Vec::new();
-    let mut lost = Vec::new();
-    for (node, outcome) in i.nodes {
-        match outcome {
-            NodeOutcome::Pending(why) => pending.push((node.clone(), why.clone())),
-            NodeOutcome::Unsupported(why) => unsupported.push((node.clone(), why.clone())),
-            NodeOutcome::Ignored(why) => {
-                counts.eligible += 1;
-                pending.push((node.clone(), why.clone()));
-            }
-            NodeOutcome::Lost(why) => {
-                counts.eligible += 1;
-                lost.push((node.clone(), why.clone()));
-            }
-            NodeOutcome::Eligible(reported) => {
-                counts.eligible += 1;
-                let current = reported.filter(|s| s.observed_generation == i.generation);
-                match reported.map(|s| s.phase) {
-                    Some(Phase::Loaded | Phase::Degraded) => {
-                        let s = reported.expect("matched Some");
-                        if let Some(v) = &s.variant {
-                            *variants.entry(v.clone()).or_default() += 1;
+    let t = Tally::of(i);
+    let (variants, variant_summary) = variant_counts(&t.variants);
+    BpfPolyProgramStatus {
+        observed_generation: Some(i.generation),
+        conditions: conditions(i, &t),
+        samples: t.samples(),
+        nodes: t.counts,
+        variants,
+        variant_summary,
+        rollout: RolloutStatus {
+            updated_nodes: i.plan.updated.len() as u32,
+            paused: i.plan.paused,
+            message: i.plan.message.clone(),
+        },
+        warnings: Vec::new(),
+    }
+}
+
+/// The nodes sorted by what they are, each with why (node, reason).
+struct Tally {
+    counts: NodeCounts,
+    /// Nodes running each variant.
+    variants: BTreeMap<String, u32>,
+    degraded: Vec<(String, String)>,
+    failed: Vec<(String, String)>,
+    unsupported: Vec<(String, String)>,
+    pending: Vec<(String, String)>,
+    lost: Vec<(String, String)>,
+}
+
+impl Tally {
+    fn of(i: &Inputs<'_>) -> Tally {
+        let mut counts = NodeCounts {
+            selected: i.nodes.len() as u32,
+            ..NodeCounts::default()
+        };
+        let mut variants: BTreeMap<String, u32> = BTreeMap::new();
+        let mut degraded = Vec::new();
+        let mut failed = Vec::new();
+        let mut unsupported = Vec::new();
+        let mut pending = Vec::new();
+        let mut lost = Vec::new();
+        for (node, outcome) in i.nodes {
+            match outcome {
+                NodeOutcome::Pending(why) => pending.push((node.clone(), why.clone())),
+                NodeOutcome::Unsupported(why) => unsupported.push((node.clone(), why.clone())),
+                NodeOutcome::Ignored(why) => {
+                    counts.eligible += 1;
+                    pending.push((node.clone(), why.clone()));
+                }
+                NodeOutcome::Lost(why) => {
+                    counts.eligible += 1;
+                    lost.push((node.clone(), why.clone()));
+                }
+                NodeOutcome::Eligible(reported) => {
+                    counts.eligible += 1;
+                    let current = reported.filter(|s| s.observed_generation == i.generation);
+                    match reported.map(|s| s.phase) {
+                        Some(Phase::Loaded | Phase::Degraded) => {
+                            let s = reported.expect("matched Some");
+                            if let Some(v) = &s.variant {
+                                *variants.entry(v.clone()).or_default() += 1;
+                            }
+                            if s.phase == Phase::Loaded {
+                                counts.loaded += 1;
+                            } else {
+                                counts.degraded += 1;
+                                degraded.push((node.clone(), reported_reason(s)));
+                            }
+                            if current.is_none() {
+                                pending.push((node.clone(), "running an older generation".into()));
+                            }
                         }
-                        if s.phase == Phase::Loaded {
-                            counts.loaded += 1;
-                        } else {
-                            counts.degraded += 1;
-                            degraded.push((node.clone(), reported_reason(s)));
+                        Some(Phase::Failed) => {
+                            counts.failed += 1;
+                            failed.push((
+                                node.clone(),
+                                reported_reason(reported.expect("matched Some")),
+                            ));
                         }
-                        if current.is_none() {
-                            pending.push((node.clone(), "running an older generation".into()));
-                        }
+                        _ => pending.push((node.clone(), "waiting for the agent".into())),
                     }
-                    Some(Phase::Failed) => {
-                        counts.failed += 1;
-                        failed.push((
-                            node.clone(),
-                            reported_reason(reported.expect("matched Some")),
-                        ));
-                    }
-                    _ => pending.push((node.clone(), "waiting for the agent".into())),
                 }
             }
         }
-    }
-    counts.unsupported = unsupported.len() as u32;
-    counts.lost = lost.len() as u32;
-    if i.on_no_eligible == OnNoEligibleVariant::Fail {
-        counts.failed += counts.unsupported;
-    }
-    counts.pending = pending
-        .iter()
-        .filter(|(_, why)| why != "running an older generation")
-        .count() as u32;
-
-    let mut samples = Vec::new();
-    for (phase, list) in [
-        ("Failed", &failed),
-        ("Lost", &lost),
-        ("Unsupported", &unsupported),
-        ("Degraded", &degraded),
-        ("Pending", &pending),
-    ] {
-        for (node, reason) in list.iter() {
-            if samples.len() < MAX_SAMPLES {
-                samples.push(NodeSample {
-                    node: node.clone(),
-                    phase: phase.into(),
-                    reason: reason.clone(),
-                });
-            }
+        counts.unsupported = unsupported.len() as u32;
+        counts.lost = lost.len() as u32;
+        if i.on_no_eligible == OnNoEligibleVariant::Fail {
+            counts.failed += counts.unsupported;
+        }
+        counts.pending = pending
+            .iter()
+            .filter(|(_, why)| why != "running an older generation")
+            .count() as u32;
+        Tally {
+            counts,
+            variants,
+            degraded,
+            failed,
+            unsupported,
+            pending,
+            lost,
         }
     }
 
+    /// At most `MAX_SAMPLES` nodes, the worst first.
+    fn samples(&self) -> Vec<NodeSample> {
+        let mut samples = Vec::new();
+        for (phase, list) in [
+            ("Failed", &self.failed),
+            ("Lost", &self.lost),
+            ("Unsupported", &self.unsupported),
+            ("Degraded", &self.degraded),
+            ("Pending", &self.pending),
+        ] {
+            for (node, reason) in list.iter() {
+                if samples.len() < MAX_SAMPLES {
+                    samples.push(NodeSample {
+                        node: node.clone(),
+                        phase: phase.into(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
+        samples
+    }
+}
+
+/// Ready's reason and message, the first that applies: paused, failed, lost, pending, no
+/// node selected, no eligible node, running.
+fn ready_reason(i: &Inputs<'_>, t: &Tally) -> (&'static str, String) {
+    let Tally {
+        counts,
+        failed,
+        lost,
+        pending,
+        unsupported,
+        ..
+    } = t;
+    if i.plan.paused {
+        ("RolloutPaused", i.plan.message.clone())
+    } else if !failed.is_empty() {
+        ("NodesFailed", format!("failed on {}", named(failed)))
+    } else if !lost.is_empty() {
+        (
+            "NodesLost",
+            format!("not known to run on lost node(s) {}", named(lost)),
+        )
+    } else if !pending.is_empty() {
+        ("Progressing", format!("waiting for {}", named(pending)))
+    } else if counts.selected == 0 {
+        // A selector that matches nothing is usually a typo: not Ready, and said plainly.
+        (
+            "NoNodesSelected",
+            "spec.nodeSelector matches no node".into(),
+        )
+    } else if counts.eligible == 0 {
+        (
+            "NoEligibleNode",
+            format!("no selected node can run it: {}", named(unsupported)),
+        )
+    } else {
+        (
+            "Running",
+            format!(
+                "running on {} of {} selected nodes ({} degraded, {} unsupported)",
+                counts.loaded + counts.degraded,
+                counts.selected,
+                counts.degraded,
+                counts.unsupported
+            ),
+        )
+    }
+}
+
+/// Ready, Progressing, Degraded and Unsupported.
+fn conditions(i: &Inputs<'_>, t: &Tally) -> Vec<Condition> {
+    let Tally {
+        counts,
+        degraded,
+        failed,
+        unsupported,
+        pending,
+        lost,
+        ..
+    } = t;
     let all_current = pending.is_empty() && failed.is_empty() && lost.is_empty();
     let mut conditions = Vec::new();
     let mut cond = |type_: &str, status: bool, reason: &str, message: String| {
         conditions.push(condition(i, type_, status, reason, message));
     };
-    let ready_reason;
-    let ready_message;
-    if i.plan.paused {
-        ready_reason = "RolloutPaused";
-        ready_message = i.plan.message.clone();
-    } else if !failed.is_empty() {
-        ready_reason = "NodesFailed";
-        ready_message = format!("failed on {}", named(&failed));
-    } else if !lost.is_empty() {
-        ready_reason = "NodesLost";
-        ready_message = format!("not known to run on lost node(s) {}", named(&lost));
-    } else if !pending.is_empty() {
-        ready_reason = "Progressing";
-        ready_message = format!("waiting for {}", named(&pending));
-    } else if counts.selected == 0 {
-        // A selector that matches nothing is usually a typo: not Ready, and said plainly.
-        ready_reason = "NoNodesSelected";
-        ready_message = "spec.nodeSelector matches no node".into();
-    } else if counts.eligible == 0 {
-        ready_reason = "NoEligibleNode";
-        ready_message = format!("no selected node can run it: {}", named(&unsupported));
-    } else {
-        ready_reason = "Running";
-        ready_message = format!(
-            "running on {} of {} selected nodes ({} degraded, {} unsupported)",
-            counts.loaded + counts.degraded,
-            counts.selected,
-            counts.degraded,
-            counts.unsupported
-        );
-    }
+    let (reason, message) = ready_reason(i, t);
     let ready = all_current && !i.plan.paused && counts.eligible > 0;
-    cond("Ready", ready, ready_reason, ready_message);
+    cond("Ready", ready, reason, message);
     cond(
         "Progressing",
         !pending.is_empty() && !i.plan.paused,
@@ -232,40 +307,27 @@ pub fn aggregate(i: &Inputs<'_>) -> BpfPolyProgramStatus {
         if unsupported.is_empty() {
             "every decided node has an eligible variant".into()
         } else {
-            named(&unsupported)
+            named(unsupported)
         },
     );
+    conditions
+}
 
-    let variant_list: Vec<VariantCount> = variants
+/// Nodes per variant, and the `name=count,...` summary (none when nothing runs).
+fn variant_counts(variants: &BTreeMap<String, u32>) -> (Vec<VariantCount>, Option<String>) {
+    let list: Vec<VariantCount> = variants
         .iter()
         .map(|(name, nodes)| VariantCount {
             name: name.clone(),
             nodes: *nodes,
         })
         .collect();
-    let summary = variant_list
+    let summary = list
         .iter()
         .map(|v| format!("{}={}", v.name, v.nodes))
         .collect::<Vec<_>>()
         .join(",");
-    BpfPolyProgramStatus {
-        observed_generation: Some(i.generation),
-        conditions,
-        nodes: counts,
-        variants: variant_list,
-        variant_summary: if summary.is_empty() {
-            None
-        } else {
-            Some(summary)
-        },
-        rollout: RolloutStatus {
-            updated_nodes: i.plan.updated.len() as u32,
-            paused: i.plan.paused,
-            message: i.plan.message.clone(),
-        },
-        samples,
-        warnings: Vec::new(),
-    }
+    (list, (!summary.is_empty()).then_some(summary))
 }
 
 fn condition(
