@@ -153,17 +153,7 @@ pub fn externs(elf: &object::File<'_>) -> Result<Externs, Vec<String>> {
     let mut problems = Vec::new();
     let mut found = Externs::default();
 
-    // Undefined symbols by name: (index, weak).
-    let mut undefined: BTreeMap<String, (usize, bool)> = BTreeMap::new();
-    for sym in elf.symbols() {
-        if sym.is_undefined() && sym.kind() != object::SymbolKind::Section {
-            if let Ok(name) = sym.name() {
-                if !name.is_empty() {
-                    undefined.insert(name.to_owned(), (sym.index().0, sym.is_weak()));
-                }
-            }
-        }
-    }
+    let undefined = undefined_symbols(elf);
 
     // Names of the extern VARs and FUNCs BTF knows, by DATASEC.
     let mut ksyms: Vec<String> = Vec::new();
@@ -199,27 +189,13 @@ pub fn externs(elf: &object::File<'_>) -> Result<Externs, Vec<String>> {
     }
 
     // Every undefined symbol the code refers to must be a `__kconfig` extern.
-    let mut referenced: BTreeMap<String, ()> = BTreeMap::new();
-    for section in elf.sections().filter(|s| s.kind() == SectionKind::Text) {
-        for (_, rel) in section.relocations() {
-            if let RelocationTarget::Symbol(index) = rel.target() {
-                if let Ok(sym) = elf.symbol_by_index(index) {
-                    if sym.is_undefined() {
-                        if let Ok(name) = sym.name() {
-                            referenced.insert(name.to_owned(), ());
-                        }
-                    }
-                }
-            }
-        }
-    }
-    for name in referenced.keys() {
-        if found.kconfig.iter().any(|e| &e.name == name) {
+    for name in referenced_undefined(elf) {
+        if found.kconfig.iter().any(|e| e.name == name) {
             continue;
         }
-        problems.push(if extern_funcs.contains(name) {
+        problems.push(if extern_funcs.contains(&name) {
             format!("extern function {name} (a kfunc or a function of another object) cannot be resolved; only __kconfig externs are supported")
-        } else if ksyms.contains(name) {
+        } else if ksyms.contains(&name) {
             format!("extern {name} is a __ksym (kernel symbol) extern, which bpfpoly cannot resolve; only __kconfig externs are supported")
         } else if btf.is_none() {
             format!("extern {name} cannot be resolved: the object has no BTF (compile with clang -g) to say it is a __kconfig extern")
@@ -240,6 +216,40 @@ pub fn externs(elf: &object::File<'_>) -> Result<Externs, Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+/// Undefined symbols by name: (index, weak).
+fn undefined_symbols(elf: &object::File<'_>) -> BTreeMap<String, (usize, bool)> {
+    let mut undefined = BTreeMap::new();
+    for sym in elf.symbols() {
+        if sym.is_undefined() && sym.kind() != object::SymbolKind::Section {
+            if let Ok(name) = sym.name() {
+                if !name.is_empty() {
+                    undefined.insert(name.to_owned(), (sym.index().0, sym.is_weak()));
+                }
+            }
+        }
+    }
+    undefined
+}
+
+/// The undefined symbols the code's relocations refer to, in name order.
+fn referenced_undefined(elf: &object::File<'_>) -> std::collections::BTreeSet<String> {
+    let mut referenced = std::collections::BTreeSet::new();
+    for section in elf.sections().filter(|s| s.kind() == SectionKind::Text) {
+        for (_, rel) in section.relocations() {
+            if let RelocationTarget::Symbol(index) = rel.target() {
+                if let Ok(sym) = elf.symbol_by_index(index) {
+                    if sym.is_undefined() {
+                        if let Ok(name) = sym.name() {
+                            referenced.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    referenced
 }
 
 fn u32_at_entry(btf: &RawBtf<'_>, datasec: &btf_raw::Record, n: usize) -> Option<u32> {
