@@ -11,10 +11,8 @@ use std::sync::OnceLock;
 
 use bpfpoly_agent::inspect::inspect_bytes;
 use bpfpoly_agent::kconfig::{self, system::parse_config, KernelFacts};
-use bpfpoly_agent::loader::object::{
-    self, check_handler_object, check_variant, resolve_auto, Mechanism, ObjectInfo, ProgramKind,
-    Scalar,
-};
+use bpfpoly_agent::loader::object::check::{check_handler_object, check_variant, resolve_auto};
+use bpfpoly_agent::loader::object::{self, Mechanism, ObjectInfo, ProgramKind, Scalar};
 use bpfpoly_crds::program::{Attach, ConfigType, Dispatch, Variant};
 use bpfpoly_crds::state::ResolvedConfig;
 use serde_json::json;

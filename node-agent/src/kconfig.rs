@@ -18,124 +18,23 @@
 
 pub(crate) mod btf_raw;
 pub mod elf;
+mod encode;
+mod model;
 pub mod system;
 
 use std::collections::BTreeMap;
 
 use btf_raw::{kind, RawBtf};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget, SectionKind};
-use serde::Serialize;
 
+pub use encode::{encode, parse_number};
+use encode::{encode_number, encode_tristate};
+use model::layout;
+pub use model::{Extern, Externs, Kind, KCONFIG_SECTION, MAX_KCONFIG_BYTES, RESOLVED_SECTION};
 pub use system::KernelFacts;
 
-/// The DATASEC of `__kconfig` externs.
-pub const KCONFIG_SECTION: &str = ".kconfig";
-/// The data section the externs become (aya makes `.rodata*` a read-only map).
-pub const RESOLVED_SECTION: &str = ".rodata.kconfig";
 /// The DATASEC of `__ksym` externs (kernel symbols; not supported).
 const KSYMS_SECTION: &str = ".ksyms";
-
-/// What a `__kconfig` extern holds, by its BTF type (libbpf's `kcfg_type`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// `bool` (`_Bool`): `y` or `n`.
-    Bool,
-    /// A one-byte integer (`char`, `u8`): `y`/`n`/`m` as characters, or a number.
-    Char {
-        /// Signed encoding.
-        signed: bool,
-    },
-    /// `enum libbpf_tristate`: `n` 0, `y` 1, `m` 2.
-    Tristate {
-        /// Size in bytes (4, or 8 for an ENUM64).
-        bytes: u32,
-    },
-    /// An integer of 2, 4 or 8 bytes.
-    Int {
-        /// Size in bytes.
-        bytes: u32,
-        /// Signed encoding.
-        signed: bool,
-    },
-    /// `char NAME[len]`: a string value, NUL-terminated, truncated to `len - 1`.
-    CharArray {
-        /// Array length.
-        len: u32,
-    },
-    /// Anything else (libbpf refuses it too), with what it is.
-    Unsupported(String),
-}
-
-impl Kind {
-    /// The spelling in messages and `inspect`.
-    pub fn describe(&self) -> String {
-        match self {
-            Kind::Bool => "bool".into(),
-            Kind::Char { signed } => if *signed { "i8" } else { "u8" }.into(),
-            Kind::Tristate { .. } => "tristate".into(),
-            Kind::Int { bytes, signed } => {
-                format!("{}{}", if *signed { "i" } else { "u" }, bytes * 8)
-            }
-            Kind::CharArray { len } => format!("char[{len}]"),
-            Kind::Unsupported(what) => what.clone(),
-        }
-    }
-
-    fn align(&self) -> u32 {
-        match self {
-            Kind::Tristate { bytes } | Kind::Int { bytes, .. } => *bytes,
-            _ => 1,
-        }
-    }
-}
-
-/// One `__kconfig` extern.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Extern {
-    /// Its name (`CONFIG_HZ`, `LINUX_KERNEL_VERSION`).
-    pub name: String,
-    /// Its BTF DATASEC (`.kconfig`).
-    pub section: String,
-    /// `bool`, `tristate`, `u32`, `char[64]`...
-    #[serde(rename = "type")]
-    pub type_name: String,
-    /// `__weak`: zero when the value is unknown.
-    pub weak: bool,
-    /// Size in bytes.
-    pub size: u32,
-    #[serde(skip)]
-    kind: Kind,
-    /// ELF symbol index.
-    #[serde(skip)]
-    symbol: usize,
-    /// Index of its entry in the DATASEC.
-    #[serde(skip)]
-    entry: usize,
-}
-
-impl Extern {
-    /// What it holds.
-    pub fn kind(&self) -> &Kind {
-        &self.kind
-    }
-}
-
-/// The externs of an object and the BTF facts needed to rewrite it.
-#[derive(Clone, Debug, Default)]
-pub struct Externs {
-    /// The `__kconfig` externs, in DATASEC order.
-    pub kconfig: Vec<Extern>,
-    /// Type id of the `.kconfig` DATASEC.
-    datasec: u32,
-}
-
-impl Externs {
-    /// Whether there is nothing to resolve.
-    pub fn is_empty(&self) -> bool {
-        self.kconfig.is_empty()
-    }
-}
 
 /// Finds the object's externs and checks, offline, that each one can be resolved: a
 /// `__kconfig` extern of a name and type libbpf fills. Any other extern (`__ksym`, an
@@ -471,106 +370,6 @@ fn yes_no(b: bool) -> char {
     }
 }
 
-/// Encodes a kernel config value (`y`, `m`, `n`, a number, a quoted string) for `kind`.
-pub fn encode(kind: &Kind, raw: &str) -> Result<Vec<u8>, String> {
-    match raw.chars().next() {
-        Some(c @ ('y' | 'n' | 'm')) if raw.len() == 1 => encode_tristate(kind, c),
-        Some('"') => encode_string(kind, raw),
-        Some(_) => {
-            let n = parse_number(raw).ok_or_else(|| format!("{raw:?} is not a number"))?;
-            encode_number(kind, n)
-        }
-        None => Err("empty value".into()),
-    }
-}
-
-fn encode_tristate(kind: &Kind, c: char) -> Result<Vec<u8>, String> {
-    let n = match c {
-        'y' => 1,
-        'm' => 2,
-        _ => 0,
-    };
-    match kind {
-        Kind::Bool if c == 'm' => Err("'m' (a module) needs a tristate or char extern".into()),
-        Kind::Bool => Ok(vec![n as u8]),
-        Kind::Char { .. } => Ok(vec![c as u8]),
-        Kind::Tristate { bytes } => Ok(le_bytes(n, *bytes)),
-        other => Err(format!(
-            "'{c}' needs a bool, tristate or char extern, not {}",
-            other.describe()
-        )),
-    }
-}
-
-fn encode_string(kind: &Kind, raw: &str) -> Result<Vec<u8>, String> {
-    let Kind::CharArray { len } = kind else {
-        return Err(format!(
-            "a string needs a char array extern, not {}",
-            kind.describe()
-        ));
-    };
-    let inner = raw
-        .strip_prefix('"')
-        .and_then(|r| r.strip_suffix('"'))
-        .ok_or("unterminated string")?;
-    let mut out = vec![0u8; *len as usize];
-    let take = inner.len().min(out.len().saturating_sub(1));
-    out[..take].copy_from_slice(&inner.as_bytes()[..take]);
-    Ok(out)
-}
-
-fn encode_number(kind: &Kind, n: u64) -> Result<Vec<u8>, String> {
-    let (bytes, signed) = match kind {
-        Kind::Int { bytes, signed } => (*bytes, *signed),
-        Kind::Char { signed } => (1, *signed),
-        other => {
-            return Err(format!(
-                "a number needs an integer or char extern, not {}",
-                other.describe()
-            ))
-        }
-    };
-    let bits = bytes * 8;
-    let fits = bits >= 64
-        || if signed {
-            let v = n as i64;
-            let shifted = v >> (bits - 1);
-            shifted == 0 || shifted == -1
-        } else {
-            n >> bits == 0
-        };
-    if !fits {
-        return Err(format!(
-            "{n} does not fit in {}",
-            Kind::Int { bytes, signed }.describe()
-        ));
-    }
-    Ok(le_bytes(n, bytes))
-}
-
-fn le_bytes(n: u64, bytes: u32) -> Vec<u8> {
-    n.to_le_bytes()[..bytes as usize].to_vec()
-}
-
-/// `strtoull(s, NULL, 0)`: decimal, `0x` hex, leading-`0` octal, an optional `-`.
-pub fn parse_number(s: &str) -> Option<u64> {
-    let (negative, digits) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let n = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        u64::from_str_radix(hex, 16).ok()?
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        u64::from_str_radix(&digits[1..], 8).ok()?
-    } else {
-        digits.parse().ok()?
-    };
-    Some(if negative { n.wrapping_neg() } else { n })
-}
-
 /// The object (8-byte aligned ELF bytes) with its `__kconfig` externs filled from
 /// `facts` and its libbpf-only section names renamed, or `None` when it needs neither. Each problem names its extern.
 pub fn resolve_object(bytes: &[u8], facts: &KernelFacts) -> Result<Option<Vec<u8>>, Vec<String>> {
@@ -583,32 +382,6 @@ pub fn resolve_object(bytes: &[u8], facts: &KernelFacts) -> Result<Option<Vec<u8
     elf::resolve(bytes, &externs, &values)
         .map(Some)
         .map_err(|e| vec![e])
-}
-
-/// The most bytes the resolved `.kconfig` section may take: far above any kernel's
-/// configuration strings, and a bound on what a hostile object can make the agent allocate.
-pub const MAX_KCONFIG_BYTES: u64 = 1 << 20;
-
-/// `(offset, size)` of each extern in the resolved section, and the section's size; an
-/// error naming the extern that takes it past [`MAX_KCONFIG_BYTES`].
-fn layout(externs: &Externs) -> Result<(Vec<(u32, u32)>, u32), String> {
-    let mut at = 0u64;
-    let mut out = Vec::new();
-    for e in &externs.kconfig {
-        let align = u64::from(e.kind.align().max(1));
-        at = at.div_ceil(align) * align;
-        let end = at + u64::from(e.size);
-        if end > MAX_KCONFIG_BYTES {
-            return Err(format!(
-                "extern {} ({} bytes) takes the {KCONFIG_SECTION} section past {MAX_KCONFIG_BYTES} bytes",
-                e.name, e.size
-            ));
-        }
-        // Both fit in u32: they are at most MAX_KCONFIG_BYTES.
-        out.push((at as u32, e.size));
-        at = end;
-    }
-    Ok((out, (at.div_ceil(8).max(1) * 8) as u32))
 }
 
 #[cfg(test)]

@@ -40,7 +40,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bpfpoly_agent::inspect::inspect_bytes;
-use bpfpoly_agent::loader::object::{check_variant, inspect, resolve_auto, Mechanism};
+use bpfpoly_agent::loader::object::check::{check_variant, resolve_auto};
+use bpfpoly_agent::loader::object::{inspect, Mechanism};
 use bpfpoly_crds::program::{Dispatch, Variant};
 use bpfpoly_crds::requirement::Query;
 use bpfpoly_crds::state::ResolvedConfig;

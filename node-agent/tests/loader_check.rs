@@ -17,10 +17,8 @@ use bpfpoly_agent::{
     fetch::{check_sha256, fetch_path, sha256_hex, FetchError},
     loader::{
         assignment_digest,
-        object::{
-            check_handler_object, check_variant, inspect, resolve_auto, Mechanism, ObjectInfo,
-            ProgramKind, Scalar,
-        },
+        object::check::{check_handler_object, check_variant, resolve_auto},
+        object::{inspect, Mechanism, ObjectInfo, ProgramKind, Scalar},
     },
 };
 use bpfpoly_crds::{

@@ -4,6 +4,9 @@
 use super::index::{check_header, hash_c_string, BTF_MAGIC};
 use super::*;
 
+#[path = "../../../test-support/xorshift.rs"]
+mod xorshift;
+
 fn vmlinux() -> Option<Vec<u8>> {
     std::fs::read(VMLINUX_BTF).ok()
 }
@@ -47,13 +50,7 @@ fn truncated_and_corrupted_btf_never_panics() {
         assert!(KernelBtf::from_bytes(&btf, Path::new(name)).is_ok());
         corpus.push(btf);
     }
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = xorshift::xorshift(0x2545_f491_4f6c_dd1du64);
     for raw in &corpus {
         for cut in (0..raw.len()).step_by(13) {
             assert!(KernelBtf::from_bytes(&raw[..cut], Path::new("cut")).is_err());
@@ -323,31 +320,23 @@ fn agrees_with_btf_rs(raw: &[u8], what: &str) -> usize {
             .map(|i| theirs.resolve_type_by_id(*i).unwrap())
             .collect();
         let any = |f: &dyn Fn(&Type) -> bool| kinds.iter().any(f);
-        assert_eq!(
-            ours.has_type("struct", &name),
-            any(&|t| matches!(t, Type::Struct(_))),
-            "{what}: struct {name}"
-        );
-        assert_eq!(
-            ours.has_type("union", &name),
-            any(&|t| matches!(t, Type::Union(_))),
-            "{what}: union {name}"
-        );
-        assert_eq!(
-            ours.has_type("enum", &name),
-            any(&|t| matches!(t, Type::Enum(_) | Type::Enum64(_))),
-            "{what}: enum {name}"
-        );
-        assert_eq!(
-            ours.has_type("typedef", &name),
-            any(&|t| matches!(t, Type::Typedef(_))),
-            "{what}: typedef {name}"
-        );
-        assert_eq!(
-            ours.has_func(&name),
-            any(&|t| matches!(t, Type::Func(_))),
-            "{what}: func {name}"
-        );
+        for (kind, theirs_has) in [
+            ("struct", any(&|t| matches!(t, Type::Struct(_)))),
+            ("union", any(&|t| matches!(t, Type::Union(_)))),
+            (
+                "enum",
+                any(&|t| matches!(t, Type::Enum(_) | Type::Enum64(_))),
+            ),
+            ("typedef", any(&|t| matches!(t, Type::Typedef(_)))),
+        ] {
+            assert_eq!(
+                ours.has_type(kind, &name),
+                theirs_has,
+                "{what}: {kind} {name}"
+            );
+        }
+        let theirs_func = any(&|t| matches!(t, Type::Func(_)));
+        assert_eq!(ours.has_func(&name), theirs_func, "{what}: func {name}");
         if matches!(ty, Type::Func(_)) && funcs_seen.insert(name.clone()) {
             let first = ids
                 .iter()

@@ -13,7 +13,8 @@
 //! code's relocations are unchanged: they name the same symbols, which aya now
 //! relocates into the section's map like any `.rodata` global.
 
-use super::{btf_raw, layout, Externs, RESOLVED_SECTION};
+use super::btf_raw;
+use super::model::{layout, Externs, RESOLVED_SECTION};
 
 const EHDR: usize = 64;
 const SHDR: usize = 64;

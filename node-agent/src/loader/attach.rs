@@ -147,6 +147,16 @@ macro_rules! attach_and_take {
     }};
 }
 
+/// `$prog` as a `$ty`, attached by `$attach` (with the program as `$p`), its link taken as
+/// an [`FdLink`] (tp_btf, raw_tp, fentry and fexit links are all fd links).
+macro_rules! fd_link {
+    ($prog:expr, $ty:ty, $name:expr, $what:expr, $wrong_type:expr, |$p:ident| $attach:expr) => {{
+        let $p: &mut $ty = $prog.try_into().map_err($wrong_type)?;
+        let link = attach_and_take!($p, $name, $what, $attach);
+        FdLink::from(link)
+    }};
+}
+
 impl<'p> Hooks<'_, 'p> {
     fn attach(
         &mut self,
@@ -170,37 +180,33 @@ impl<'p> Hooks<'_, 'p> {
                 let target = format!("{}/{}", t.category, t.name);
                 self.pin(link, name, "tracepoint", &target, None)
             }
-            AttachKind::TpBtf => {
-                let tp: &mut BtfTracePoint = prog.try_into().map_err(wrong_type)?;
-                let target = attach.tp_btf.as_ref().map_or("", |t| t.name.as_str());
-                let what = format!("to tp_btf/{target}");
-                let link = attach_and_take!(tp, name, &what, tp.attach());
-                self.pin(link.into(), name, "tpBtf", target, None)
-            }
-            AttachKind::RawTracePoint => {
-                let tp: &mut RawTracePoint = prog.try_into().map_err(wrong_type)?;
-                let target = attach
-                    .raw_tracepoint
-                    .as_ref()
-                    .map_or("", |t| t.name.as_str());
-                let what = format!("to raw_tp/{target}");
-                let link = attach_and_take!(tp, name, &what, tp.attach(target));
-                self.pin(link.into(), name, "rawTracepoint", target, None)
-            }
             AttachKind::KProbe => self.kprobe(prog.try_into().map_err(wrong_type)?, name, attach),
-            AttachKind::FEntry => {
-                let p: &mut FEntry = prog.try_into().map_err(wrong_type)?;
-                let target = attach.fentry.as_ref().map_or("", |t| t.function.as_str());
-                let what = format!("as fentry to {target}");
-                let link = attach_and_take!(p, name, &what, p.attach());
-                self.pin(link.into(), name, "fentry", target, None)
-            }
-            AttachKind::FExit => {
-                let p: &mut FExit = prog.try_into().map_err(wrong_type)?;
-                let target = attach.fexit.as_ref().map_or("", |t| t.function.as_str());
-                let what = format!("as fexit to {target}");
-                let link = attach_and_take!(p, name, &what, p.attach());
-                self.pin(link.into(), name, "fexit", target, None)
+            AttachKind::TpBtf
+            | AttachKind::RawTracePoint
+            | AttachKind::FEntry
+            | AttachKind::FExit => {
+                let target = kind.btf_target(attach).unwrap_or("");
+                let words = match kind {
+                    AttachKind::TpBtf => "to tp_btf/",
+                    AttachKind::RawTracePoint => "to raw_tp/",
+                    AttachKind::FEntry => "as fentry to ",
+                    _ => "as fexit to ",
+                };
+                let what = format!("{words}{target}");
+                let link = match kind {
+                    AttachKind::TpBtf => {
+                        fd_link!(prog, BtfTracePoint, name, &what, wrong_type, |p| p.attach())
+                    }
+                    AttachKind::RawTracePoint => {
+                        fd_link!(prog, RawTracePoint, name, &what, wrong_type, |p| p
+                            .attach(target))
+                    }
+                    AttachKind::FEntry => {
+                        fd_link!(prog, FEntry, name, &what, wrong_type, |p| p.attach())
+                    }
+                    _ => fd_link!(prog, FExit, name, &what, wrong_type, |p| p.attach()),
+                };
+                self.pin(link, name, kind.field(), target, None)
             }
         }
     }

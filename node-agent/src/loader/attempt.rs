@@ -62,7 +62,7 @@ fn dispatch_plan<'a>(
     };
     let (mechanism, auto) = match variant.dispatch_mechanism.unwrap_or(d.mechanism) {
         DispatchMechanism::Auto => (
-            object::resolve_auto(info, d, variant.handler_bytecode.is_some()),
+            object::check::resolve_auto(info, d, variant.handler_bytecode.is_some()),
             true,
         ),
         DispatchMechanism::TailCall => (Mechanism::TailCall, false),
@@ -82,12 +82,12 @@ fn check_object(
     // With `auto`, freplace is a try: the object must at least fit what it falls back to.
     let checked = match plan {
         (Some(d), Some(Mechanism::Freplace), true) => {
-            Some((d, object::resolve_auto(info, d, false)))
+            Some((d, object::check::resolve_auto(info, d, false)))
         }
         (Some(d), Some(m), _) => Some((d, m)),
         _ => None,
     };
-    object::check_variant(info, variant, &a.config, checked).map_err(|problems| {
+    object::check::check_variant(info, variant, &a.config, checked).map_err(|problems| {
         Failure::new(
             FallbackStage::Verify,
             format!("object check: {}", problems.join("; ")),

@@ -24,7 +24,7 @@ use crate::kconfig::{self, KernelFacts};
 
 use super::{
     error::chain,
-    object::{self, Mechanism, ObjectInfo, DISPATCH_MODE_GLOBAL, HANDLER_MASK_GLOBAL},
+    object::{self, AttachKind, Mechanism, ObjectInfo, DISPATCH_MODE_GLOBAL, HANDLER_MASK_GLOBAL},
     pins,
 };
 
@@ -320,6 +320,11 @@ pub(super) fn open_object(
     })
 }
 
+/// The kernel's BTF, for the kinds that load against a target in it.
+fn kernel_btf(kernel: &mut Kernel) -> Result<&Btf, LoadError> {
+    kernel.btf().map_err(LoadError::other)
+}
+
 /// Loads `name` with the attach parameters its kind needs; returns its kernel id.
 pub(super) fn load_program(
     ebpf: &mut Ebpf,
@@ -330,34 +335,21 @@ pub(super) fn load_program(
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| LoadError::other(format!("program {name:?} not in the object")))?;
-    let needs = |what: &str| LoadError::other(format!("program {name:?} needs attach.{what}"));
+    // The BTF-typed kinds load against their target in the kernel's BTF.
+    let target = |kind: AttachKind| {
+        attach.and_then(|a| kind.btf_target(a)).ok_or_else(|| {
+            LoadError::other(format!("program {name:?} needs attach.{}", kind.field()))
+        })
+    };
     let result = match program {
         Program::Xdp(p) => p.load(),
         Program::SchedClassifier(p) => p.load(),
         Program::TracePoint(p) => p.load(),
         Program::KProbe(p) => p.load(),
         Program::RawTracePoint(p) => p.load(),
-        Program::BtfTracePoint(p) => {
-            let target = attach
-                .and_then(|a| a.tp_btf.as_ref())
-                .ok_or_else(|| needs("tpBtf"))?;
-            let btf = kernel.btf().map_err(LoadError::other)?;
-            p.load(&target.name, btf)
-        }
-        Program::FEntry(p) => {
-            let target = attach
-                .and_then(|a| a.fentry.as_ref())
-                .ok_or_else(|| needs("fentry"))?;
-            let btf = kernel.btf().map_err(LoadError::other)?;
-            p.load(&target.function, btf)
-        }
-        Program::FExit(p) => {
-            let target = attach
-                .and_then(|a| a.fexit.as_ref())
-                .ok_or_else(|| needs("fexit"))?;
-            let btf = kernel.btf().map_err(LoadError::other)?;
-            p.load(&target.function, btf)
-        }
+        Program::BtfTracePoint(p) => p.load(target(AttachKind::TpBtf)?, kernel_btf(kernel)?),
+        Program::FEntry(p) => p.load(target(AttachKind::FEntry)?, kernel_btf(kernel)?),
+        Program::FExit(p) => p.load(target(AttachKind::FExit)?, kernel_btf(kernel)?),
         other => {
             return Err(LoadError::other(format!(
                 "program {name:?} has a program type the agent does not load ({:?})",

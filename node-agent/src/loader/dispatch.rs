@@ -269,8 +269,8 @@ fn load_static_degraded(
     first: Failure,
     rejected: &mut BTreeMap<u32, Failure>,
 ) -> Result<Loaded, Failure> {
+    verify_handlers_alone(input, dispatch, kernel, wanted, rejected)?;
     let full = mask_of(wanted.keys());
-    verify_handlers_alone(input, dispatch, kernel, wanted, full, rejected)?;
     let retry = if rejected.is_empty() {
         Err(first)
     } else {
@@ -286,16 +286,17 @@ fn load_static_degraded(
     }
 }
 
-/// Verifies the handler programs on their own, where the object has them as programs of
-/// the entry's kind; the ones refused go into `rejected`.
+/// Verifies the handler programs on their own (in the object opened with every wanted bit
+/// set), where the object has them as programs of the entry's kind; the ones refused go
+/// into `rejected`.
 fn verify_handlers_alone(
     input: &Input<'_>,
     dispatch: &Dispatch,
     kernel: &mut Kernel,
     wanted: &BTreeMap<u32, String>,
-    full: u64,
     rejected: &mut BTreeMap<u32, Failure>,
 ) -> Result<(), Failure> {
+    let full = mask_of(wanted.keys());
     let entry_kind = input.info.programs.get(&dispatch.entry).copied();
     let mut probe = open_object(
         kernel,
@@ -441,7 +442,7 @@ fn freplace_handler_object<'a>(
         Some(Err(e)) => return Err(mechanism_failure(format!("handler bytecode: {e}"))),
         Some(Ok(pair)) => *pair,
     };
-    if let Err(problems) = object::check_handler_object(handler_info, dispatch) {
+    if let Err(problems) = object::check::check_handler_object(handler_info, dispatch) {
         return Err(mechanism_failure(format!(
             "handler object: {}",
             problems.join("; ")

@@ -54,6 +54,23 @@ fn privileged() -> bool {
     true
 }
 
+/// The names `probe` says are supported, in order; inconclusive probes go to `notes`.
+fn supported<'a>(
+    names: impl Iterator<Item = &'a str>,
+    notes: &mut Vec<String>,
+    probe: impl Fn(&str) -> Result<bool, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in names {
+        match probe(name) {
+            Ok(true) => out.push(name.to_string()),
+            Ok(false) => {}
+            Err(note) => notes.push(note),
+        }
+    }
+    out
+}
+
 /// The probes give what aya's own probes give on this kernel, type by type,
 /// with the same notes; the tracing and lsm probes use the ids from this
 /// module's BTF parse (the same ids aya's parse finds).
@@ -80,29 +97,20 @@ fn probes_answer_as_aya_does() {
     });
     assert_eq!(asked, 1, "the targets are asked for once");
 
-    let mut programs = Vec::new();
+    // Each type as aya probes it: supported, not, or inconclusive (a note).
     let mut notes = Vec::new();
-    for (name, _) in PROGRAM_TYPES {
-        match is_program_supported(program_type(name).unwrap()) {
-            Ok(true) => programs.push((*name).to_string()),
-            Ok(false) => {}
-            Err(e) => notes.push(format!(
+    let programs = supported(PROGRAM_TYPES.iter().map(|(n, _)| *n), &mut notes, |name| {
+        is_program_supported(program_type(name).unwrap()).map_err(|e| {
+            format!(
                 "program type {name}: probe inconclusive ({}); a real load decides",
                 program_error(&e)
-            )),
-        }
-    }
-    let mut maps = Vec::new();
-    for (name, _) in MAP_TYPES {
-        match is_map_supported(map_type(name).unwrap()) {
-            Ok(true) => maps.push((*name).to_string()),
-            Ok(false) => {}
-            Err(e) => notes.push(format!(
-                "map type {name}: probe inconclusive ({})",
-                e.io_error
-            )),
-        }
-    }
+            )
+        })
+    });
+    let maps = supported(MAP_TYPES.iter().map(|(n, _)| *n), &mut notes, |name| {
+        is_map_supported(map_type(name).unwrap())
+            .map_err(|e| format!("map type {name}: probe inconclusive ({})", e.io_error))
+    });
     assert_eq!(probed.program_types, programs);
     assert_eq!(probed.map_types, maps);
     assert_eq!(probed.notes, notes);
