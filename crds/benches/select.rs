@@ -5,7 +5,7 @@
 //! each program it receives anyway).
 //!
 //! `cargo bench -p bpfpoly-crds --bench select`; the figures land in
-//! `target/criterion/select/*/new/estimates.json` (e2e/bench.sh reads them).
+//! `target/criterion/select/*/new/estimates.json` (e2e/bench/bench.sh reads them).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

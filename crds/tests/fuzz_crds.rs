@@ -1,4 +1,4 @@
-//! Time-bounded fuzzing of the API crate's parsers (`make fuzz`, e2e/fuzz.sh): proptest
+//! Time-bounded fuzzing of the API crate's parsers (`make fuzz`, e2e/fuzz/fuzz.sh): proptest
 //! strategies run in chunks until a time budget is spent, each chunk with its own seed,
 //! so one test covers as many cases as the budget allows and a failure still shrinks.
 //!

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the Debian kernels named in e2e/kernels/kernels.list into the cache, with progress:
-# for each, the vmlinuz, its raw BTF (through e2e/fetch-btf.sh's extraction), and the
+# for each, the vmlinuz, its raw BTF (through e2e/env/fetch-btf.sh's extraction), and the
 # kernel modules the microVM needs, resolved through modules.dep and decompressed for
 # busybox's insmod, with the order to load them in.
 #
@@ -67,7 +67,7 @@ if [[ ${#todo[@]} -eq 0 ]]; then
     exit 0
 fi
 
-bash "$E2E/install-deps.sh" --apt lz4 zstd xz-utils binutils bpftool dpkg-dev kmod
+bash "$E2E/env/install-deps.sh" --apt lz4 zstd xz-utils binutils bpftool dpkg-dev kmod
 
 # --- the private apt configuration --------------------------------------------------------
 
@@ -252,7 +252,7 @@ fetch_kernel() { # NAME SUITE IMAGE-REGEX [MODULES-REGEX [CONFIG-REGEX]]
     grep -q '^CONFIG_BPF=y' "$config" || die "$name: $config does not read as a kernel configuration (no CONFIG_BPF=y)"
     cp "$config" "$work/out/config"
     log "  extracting BTF"
-    bash "$E2E/fetch-btf.sh" --from-vmlinuz "$work/out/vmlinuz" "$work/out/vmlinux.btf"
+    bash "$E2E/env/fetch-btf.sh" --from-vmlinuz "$work/out/vmlinuz" "$work/out/vmlinux.btf"
     local types
     types="$(bpftool btf dump file "$work/out/vmlinux.btf" 2>/dev/null | grep -c '^\[[0-9]*\] ' || true)"
     [[ $types -ge 50000 ]] || die "$name: bpftool reads only $types types from the BTF of $release"

@@ -13,7 +13,7 @@ if [ "${BPFPOLY_SKIP_PRIVILEGED:-}" = 1 ]; then
   exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "[bpfpoly] kernels: the matrix loads eBPF programs and boots microVMs: run it as root" >&2; exit 1; }
-if bash "$REPO/e2e/run.sh" status; then
+if bash "$REPO/e2e/env/run.sh" status; then
   echo "[bpfpoly] kernels: a \`make run\` stack is running; \`make stop\` first (the matrix starts its own with every kernel)" >&2
   exit 1
 fi
@@ -32,7 +32,7 @@ python3 "$REPO/e2e/kernels/verify_matrix.py" $BPFPOLY_KERNELS \
   || { echo "[bpfpoly] kernels: the verifier matrix failed" >&2; exit 1; }
 echo "[bpfpoly] kernels: starting the stack with kernels: $BPFPOLY_KERNELS (log .run/matrix-run.log)"
 set +e +o pipefail
-bash "$REPO/e2e/run.sh" run 2>&1 | tee "$REPO/.run/matrix-run.log" | grep --line-buffered -E '^\[bpfpoly\] (vm|kernels|[0-9]/6)'
+bash "$REPO/e2e/env/run.sh" run 2>&1 | tee "$REPO/.run/matrix-run.log" | grep --line-buffered -E '^\[bpfpoly\] (vm|kernels|[0-9]/6)'
 run_rc=${PIPESTATUS[0]}
 set -e -o pipefail
 if [ "$run_rc" -ne 0 ] || ! grep -q '^Stop:' "$REPO/.run/matrix-run.log"; then
@@ -48,7 +48,7 @@ if [ $rc -ne 0 ]; then
   leader=$(kubectl get lease -n bpfpoly-system bpfpoly-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
   [ -z "$leader" ] || { echo "--- kubectl logs -n bpfpoly-system $leader (tail)"; kubectl logs -n bpfpoly-system "$leader" --tail 12 2>/dev/null || true; }
 fi
-bash "$REPO/e2e/run.sh" stop >"$REPO/.run/matrix-stop.log" 2>&1 || { cat "$REPO/.run/matrix-stop.log"; rc=1; }
+bash "$REPO/e2e/env/run.sh" stop >"$REPO/.run/matrix-stop.log" 2>&1 || { cat "$REPO/.run/matrix-stop.log"; rc=1; }
 if pgrep -f "qemu-system-x86_64 .*$REPO/.run/kernels/" >/dev/null; then
   echo "[bpfpoly] kernels: qemu processes left behind after stop:" >&2
   pgrep -af "qemu-system-x86_64 .*$REPO/.run/kernels/" >&2

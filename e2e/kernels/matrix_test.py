@@ -1,6 +1,6 @@
 """The kernel matrix: every sample in crds/examples/ on every real kernel, asserted per kernel.
 
-Runs against the stack `BPFPOLY_KERNELS="5.10 6.1 6.12 7.2" e2e/run.sh run` starts (matrix.sh):
+Runs against the stack `BPFPOLY_KERNELS="5.10 6.1 6.12 7.2" e2e/env/run.sh run` starts (matrix.sh):
 node `local` (this host's kernel) and one node per Debian kernel, each a qemu microVM whose
 own bpfpoly-agent loads into that kernel. Nothing here is simulated.
 

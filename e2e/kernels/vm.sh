@@ -16,13 +16,13 @@
 #
 # Network: ONLY qemu's user network with restrict=on. The guest reaches the API server on the
 # host's loopback through `guestfwd=tcp:10.0.2.100:PORT-cmd:socat - TCP:127.0.0.1:PORT` (the
-# serving certificate covers 10.0.2.100, see e2e/cluster.sh), and the host reads the guest
+# serving certificate covers 10.0.2.100, see e2e/env/cluster.sh), and the host reads the guest
 # agent's /metrics through a hostfwd bound to 127.0.0.1. Nothing else is reachable either way.
 #
 # Environment: BPFPOLY_APISERVER_PORT (16443), BPFPOLY_CONFIGMAP_NAMESPACES (bpfpoly-system: where
 # the guest agents may read bytecode ConfigMaps), BPFPOLY_VM_METRICS_BASE (9470: the agent of the
 # i-th kernel in kernels.list is at 127.0.0.1:BASE+i), BPFPOLY_VM_MEMORY (768 MiB),
-# KUBECONFIG (the admin kubeconfig of e2e/cluster.sh, used to create the Node objects and
+# KUBECONFIG (the admin kubeconfig of e2e/env/cluster.sh, used to create the Node objects and
 # as the guest agent's credentials, with the server address rewritten).
 # State: <repo>/.run/kernels/<KERNEL>/ (console.log, qemu.pid, initrd); initramfs builds in
 # $CARGO_TARGET_DIR (or <repo>/target)/kernels/<KERNEL>/.
@@ -105,7 +105,7 @@ build_node_cpio() {
     node="$(node_name "$k")"
     mkdir -p "$dir/root/etc/bpfpoly"
     chmod 700 "$dir" "$dir/root"
-    [[ -s $KUBECONFIG ]] || die "no kubeconfig at $KUBECONFIG (start the cluster: bash e2e/cluster.sh up)"
+    [[ -s $KUBECONFIG ]] || die "no kubeconfig at $KUBECONFIG (start the cluster: bash e2e/env/cluster.sh up)"
     server="$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')"
     token="$(kubectl config view --raw --minify -o jsonpath='{.users[0].user.token}')"
     ca="$(kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')"
@@ -218,7 +218,7 @@ cmd_start() {
     [[ $# -gt 0 ]] || die "usage: vm.sh start KERNEL..."
     for k in "$@"; do check_kernel "$k"; done
     [[ $(id -u) -eq 0 ]] || die "the microVMs' agents load eBPF programs into their own kernels, but qemu and the bpffs cleanup here run as root: run as root"
-    bash "$REPO/e2e/install-deps.sh" --apt qemu-system-x86 busybox-static cpio socat
+    bash "$REPO/e2e/env/install-deps.sh" --apt qemu-system-x86 busybox-static cpio socat
     bash "$HERE/fetch.sh" "$@"
     for k in "$@"; do
         build_base "$k"

@@ -1,5 +1,5 @@
 //! Coverage-guided fuzz targets for what the agent reads from untrusted bytecode sources,
-//! run by AFL++ through the `afl` crate on stable Rust (`make fuzz`, e2e/fuzz-afl.sh).
+//! run by AFL++ through the `afl` crate on stable Rust (`make fuzz`, e2e/fuzz/fuzz-afl.sh).
 //! Each function here is one target's whole body; the binaries in `src/bin/` hand it
 //! AFL's input. The same functions replay a saved input outside AFL (the binaries read
 //! stdin when AFL is not there), so a crash reproduces with `TARGET < input`.

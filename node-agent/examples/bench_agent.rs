@@ -1,4 +1,4 @@
-//! The agent on the real kernel (part 2 of `make bench`, `e2e/bench.sh`), through the
+//! The agent on the real kernel (part 2 of `make bench`, `e2e/bench/bench.sh`), through the
 //! loader API (`Loader::apply`), each figure next to an anchor measured in this run.
 //! Prints one JSON document: result rows and the raw samples (milliseconds).
 //!

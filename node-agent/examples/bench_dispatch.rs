@@ -1,4 +1,4 @@
-//! Dispatch overhead with BPF_PROG_TEST_RUN (part 1 of `make bench`, `e2e/bench.sh`).
+//! Dispatch overhead with BPF_PROG_TEST_RUN (part 1 of `make bench`, `e2e/bench/bench.sh`).
 //!
 //! Runs the same frames through the same handler work behind each dispatch mechanism and
 //! prints one JSON document: result rows (`{name, value, unit, anchor, anchor_value,

@@ -61,7 +61,7 @@ fn debian_61_btf() -> Option<(PathBuf, String)> {
             return None;
         }
         panic!(
-            "{} (or its .release) is missing: run `make deps` (e2e/fetch-btf.sh) to fetch \
+            "{} (or its .release) is missing: run `make deps` (e2e/env/fetch-btf.sh) to fetch \
              the Debian 6.1 kernel's BTF",
             btf.display()
         );

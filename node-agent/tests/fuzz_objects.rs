@@ -1,5 +1,5 @@
 //! Time-bounded fuzzing of what the agent reads from untrusted sources (`make fuzz`,
-//! e2e/fuzz.sh): eBPF objects (ELF and their BTF) through `inspect_bytes` and the
+//! e2e/fuzz/fuzz.sh): eBPF objects (ELF and their BTF) through `inspect_bytes` and the
 //! loader's object check, raw kernel BTF through the agent's BTF query answering
 //! (in process, and through `bpfpoly-agent profile --btf-path` for the exit codes).
 //!

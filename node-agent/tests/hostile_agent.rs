@@ -14,7 +14,7 @@
 //! directories, symlinks escaping them, a FIFO (must not block the agent), and `..`
 //! paths and missing digests (refused by the operator's validation before any node).
 //!
-//! Needs root and the API server: `#[ignore]`d, run by e2e/chaos.sh (or
+//! Needs root and the API server: `#[ignore]`d, run by e2e/chaos/chaos.sh (or
 //! `KUBECONFIG=.run/cluster/kubeconfig cargo test -p bpfpoly-agent --test hostile_agent
 //! -- --ignored` with `make run` up).
 
@@ -314,7 +314,7 @@ struct Case {
 }
 
 #[test]
-#[ignore = "needs root and the API server of `make run`: run by e2e/chaos.sh"]
+#[ignore = "needs root and the API server of `make run`: run by e2e/chaos/chaos.sh"]
 fn hostile_bytecode_gives_a_status_error_and_the_previous_version_keeps_running() {
     if !loader_support::privileged() {
         return;

@@ -41,7 +41,7 @@ fn debian_61() -> (PathBuf, String) {
     let release = cache().join("btf/debian-6.1-cloud.release");
     assert!(
         btf.is_file() && release.is_file(),
-        "{} is missing: run `make deps` (e2e/fetch-btf.sh)",
+        "{} is missing: run `make deps` (e2e/env/fetch-btf.sh)",
         btf.display()
     );
     (

@@ -424,7 +424,7 @@ fn agrees_with_btf_rs_on_debian_61() {
             return;
         }
         Err(e) => panic!(
-            "{}: {e}: run `make deps` (e2e/fetch-btf.sh) to fetch the Debian 6.1 kernel's BTF",
+            "{}: {e}: run `make deps` (e2e/env/fetch-btf.sh) to fetch the Debian 6.1 kernel's BTF",
             path.display()
         ),
     };
