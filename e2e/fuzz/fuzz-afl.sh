@@ -14,8 +14,12 @@
 # each also without DWARF. The corpus AFL grows is kept in ~/.cache/bpfpoly/fuzz/<target>
 # and seeds the next run.
 #
-# Knobs: BPFPOLY_AFL_SECS       time box per target (default 150 s)
-#        BPFPOLY_AFL_MIN_EXECS  executions each target must reach in it (default 1000000)
+# Each target runs until it has made BPFPOLY_AFL_MIN_EXECS executions (afl-fuzz -E, with 2 %
+# to spare), or until its time box ends (afl-fuzz -V); short of the executions, the run fails.
+#
+# Knobs: BPFPOLY_AFL_MIN_EXECS  executions each target must reach (default 1000000; about
+#                               3.5 min per target on one core here)
+#        BPFPOLY_AFL_SECS       the most time a target may take (default 600 s)
 #        BPFPOLY_AFL_JOBS       targets fuzzed at once (default: 2, one per core, when the
 #                               machine is otherwise idle (1-min load < 0.5), else 1)
 #        BPFPOLY_AFL_TARGETS    default "inspect object_check"
@@ -32,8 +36,9 @@ AFL_CRATE_VERSION=0.18.2
 CARGO_AFL="$AFL_ROOT/bin/cargo-afl"
 # cargo-afl keeps AFL++ and its runtime under $XDG_DATA_HOME/afl.rs.
 export XDG_DATA_HOME="$AFL_ROOT/data"
-SECS="${BPFPOLY_AFL_SECS:-150}"
+SECS="${BPFPOLY_AFL_SECS:-600}"
 MIN_EXECS="${BPFPOLY_AFL_MIN_EXECS:-1000000}"
+GOAL=$((MIN_EXECS + MIN_EXECS / 50))
 idle_jobs() { awk -v n="$(nproc)" '{ print ($1 < 0.5 && n >= 2) ? 2 : 1 }' /proc/loadavg; }
 JOBS="${BPFPOLY_AFL_JOBS:-$(idle_jobs)}"
 TARGETS="${BPFPOLY_AFL_TARGETS:-inspect object_check}"
@@ -95,7 +100,7 @@ fuzz_one() {
     find "$KEPT/$t" -maxdepth 1 -type f -name 'id*' -exec cp -t "$in/" {} +
     AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_QUIET=1 \
         AFL_FAST_CAL=1 \
-        "$AFL_FUZZ" -i "$in" -o "$out" -V "$SECS" -t 500 -m none -- "$bin" \
+        "$AFL_FUZZ" -i "$in" -o "$out" -E "$GOAL" -V "$SECS" -t 500 -m none -- "$bin" \
         >"$WORK/$t.log" 2>&1 || { tail -20 "$WORK/$t.log" >&2; die "$t: afl-fuzz failed (log $WORK/$t.log)"; }
     # Keep what AFL found for the next run.
     rm -rf "$KEPT/$t.new" && mkdir -p "$KEPT/$t.new"
@@ -108,7 +113,7 @@ fuzz_one() {
     done
 }
 
-say "$seeds seeds; ${SECS} s per target, $JOBS at once (load average $(cut -d' ' -f1-3 /proc/loadavg)); targets: $TARGETS"
+say "$seeds seeds; $GOAL executions per target (at most ${SECS} s each), $JOBS at once (load average $(cut -d' ' -f1-3 /proc/loadavg)); targets: $TARGETS"
 rc=0
 if ((JOBS > 1)); then
     pids=()
@@ -148,7 +153,7 @@ for t in targets:
     if execs < min_execs:
         load = open("/proc/loadavg").read().split()[:3]
         print(f"[bpfpoly] ERROR: fuzz (AFL++): {t}: {execs} executions, fewer than {min_execs} "
-              f"(load average now {' '.join(load)}: other work on the machine slows it; BPFPOLY_AFL_SECS raises the box)")
+              f"(load average now {' '.join(load)}: other work on the machine slows it; BPFPOLY_AFL_SECS raises the time box)")
         bad = True
 sys.exit(1 if bad else 0)
 EOF
