@@ -12,6 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya_obj::programs::XdpAttachType;
+use bpfpoly_agent::loader::DEFAULT_SLOT;
 use bpfpoly_agent::{
     builtin,
     fetch::{fetch_path, FetchError},
@@ -334,5 +337,38 @@ pub mod frames {
         f.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
         f.extend(l4);
         f
+    }
+}
+
+/// The XDP verdict.
+pub const XDP_PASS: u32 = 2;
+
+/// Runs `frame` through the pinned entry program with BPF_PROG_TEST_RUN.
+pub fn test_run(pin: &Path, frame: &[u8]) -> u32 {
+    let xdp = Xdp::from_pin(pin, XdpAttachType::Interface).unwrap();
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        ..TestRunOptions::default()
+    };
+    Xdp::test_run(&xdp, opts).unwrap().return_value
+}
+
+pub fn count(loader: &Loader, name: &str, key: u32) -> u64 {
+    let counts = loader.dispatch_counts(name).unwrap();
+    if key == DEFAULT_SLOT {
+        counts.default
+    } else {
+        counts.per_key.get(&key).copied().unwrap_or(0)
+    }
+}
+
+pub fn wait_count(loader: &Loader, name: &str, key: u32, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = count(loader, name, key);
+        if n >= at_least || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
