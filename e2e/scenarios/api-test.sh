@@ -6,4 +6,4 @@ cd "$(dirname "$0")/../.."
 export KUBECONFIG
 echo "[bpfpoly] API tests against $(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
 # The controller tests each start an operator, so they run one at a time.
-cargo test -p bpfpoly-operator --test apiserver --test controller --test status_writes -- --ignored --test-threads=1
+cargo test -p bpfpoly-operator --test apiserver --test controller --test controller_lifecycle --test controller_liveness --test status_writes -- --ignored --test-threads=1
