@@ -30,14 +30,14 @@ say() { echo "[bpfpoly] fuzz: $*"; }
 
 make -s -C ebpf >/dev/null
 say "building (release)"
-cargo test --release -q -p bpfpoly-crds --test fuzz_crds --no-run 2>&1 | grep -v '^$' || true
+cargo test --release -q -p bpfpoly-crds --test fuzz_crds --test fuzz_parsers --no-run 2>&1 | grep -v '^$' || true
 cargo test --release -q -p bpfpoly-agent --test fuzz_objects --test fuzz_btf --test fuzz_loader --no-run 2>&1 | grep -v '^$' || true
 
 # A hang is a finding too: each binary gets its budget plus a generous margin.
 limit=$(awk -v s="$BPFPOLY_FUZZ_SECS" -v n="$BPFPOLY_FUZZ_CLI_RUNS" 'BEGIN { printf "%d", 4 * s + n + 120 }')
 rc=0
 say "CR validation and parsers (${BPFPOLY_FUZZ_SECS} s per target)"
-timeout "$limit" cargo test --release -p bpfpoly-crds --test fuzz_crds -- --nocapture 2>&1 \
+timeout "$limit" cargo test --release -p bpfpoly-crds --test fuzz_crds --test fuzz_parsers -- --nocapture 2>&1 \
   | grep -E '^fuzz |panicked|minimal failing|FAILED|^test result' || rc=1
 say "objects, BTF, profile CLI"
 timeout "$limit" cargo test --release -p bpfpoly-agent --test fuzz_objects --test fuzz_btf -- --nocapture fuzz_ 2>&1 \

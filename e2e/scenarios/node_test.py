@@ -542,7 +542,7 @@ class NodeScenario(unittest.TestCase):
         t0 = time.time()
         kubectl("delete", "pod", "-n", NS, leader, "--wait=false")
         # The deleted leader releases the Lease on SIGTERM (operator/src/leader.rs) and the
-        # standby, polling about once a second, takes it: long before the 10 s term would have
+        # standby, polling four times a second, takes it: long before the 10 s term would have
         # run out, and before the Deployment's replacement Pod has started.
         holder = self.wait("another operator Pod holding the Lease",
                            lambda: (lambda h: h if h and h != leader else None)(lease_holder()), timeout=60,
