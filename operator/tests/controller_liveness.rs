@@ -22,8 +22,7 @@ use fixtures::*;
 #[ignore = "needs the real API server: run `make api-test`"]
 async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after_it_reports() {
     let c = client().await;
-    let test = "loss";
-    let program = "loss-tracer";
+    let (test, program, bound) = ("loss", "loss-tracer", 3);
     let nodes: Vec<String> = ["sim-loss-a", "sim-loss-b"].map(String::from).to_vec();
     cleanup(&c, test, &nodes, &[program]).await;
     for n in &nodes {
@@ -31,7 +30,6 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
         sim_profile(&c, n, "6.18.44-fc-v669", "loss", all_true(TRACER_QUERIES)).await;
         sim_lease(&c, n, "boot-1").await;
     }
-    let bound = 3;
     let _op = Operator::start(
         19479,
         &[
@@ -49,6 +47,22 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
         }
     });
     let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
+    both_loaded(&c, &bpp, &nodes, program, test).await;
+    b_is_lost_within_the_bound(&c, &bpp, &nodes, program, bound).await;
+    b_rebooted_waits_for_its_new_report(&c, &bpp, &nodes, program).await;
+    b_counts_again_after_reporting(&c, &bpp, &nodes, program).await;
+    renew_a.abort();
+    cleanup(&c, test, &nodes, &[program]).await;
+}
+
+/// The program created, assigned to both nodes and reported Loaded from boot-1 by both.
+async fn both_loaded(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    program: &str,
+    test: &str,
+) {
     bpp.create(
         &PostParams::default(),
         &tracer(
@@ -59,23 +73,31 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
     )
     .await
     .unwrap();
-    for n in &nodes {
+    for n in nodes {
         wait_for("generation 1 assigned", 20, || async {
-            sim_lease(&c, &nodes[1], "boot-1").await;
-            (assigned(&c, n, program).await == Some(1)).then_some(())
+            sim_lease(c, &nodes[1], "boot-1").await;
+            (assigned(c, n, program).await == Some(1)).then_some(())
         })
         .await;
-        sim_report_from_boot(&c, n, program, 1, "Loaded", Some("boot-1")).await;
+        sim_report_from_boot(c, n, program, 1, "Loaded", Some("boot-1")).await;
     }
     wait_for("both loaded", 20, || async {
-        sim_lease(&c, &nodes[1], "boot-1").await;
+        sim_lease(c, &nodes[1], "boot-1").await;
         let s = bpp.get(program).await.unwrap().status?;
         (s.nodes.loaded == 2 && s.nodes.lost == 0).then_some(())
     })
     .await;
+}
 
-    // b stops renewing: lost within the bound, named with why and since when.
-    sim_lease(&c, &nodes[1], "boot-1").await;
+/// b stops renewing: lost within the bound, named with why and since when.
+async fn b_is_lost_within_the_bound(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    program: &str,
+    bound: u64,
+) {
+    sim_lease(c, &nodes[1], "boot-1").await;
     let silent = Instant::now();
     let status = wait_for("b lost", 20, || async {
         let s = bpp.get(program).await.unwrap().status?;
@@ -124,7 +146,7 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
         "{}",
         ready.message
     );
-    let ev = wait_event(&c, "NodeLost", program).await;
+    let ev = wait_event(c, "NodeLost", program).await;
     assert!(
         ev.note
             .as_deref()
@@ -141,11 +163,18 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
             && l.ends_with(" 1")),
         "the lost gauge is 1"
     );
+}
 
-    // b boots again: its Lease names a new boot, so the old report (boot-1) is stale.
-    sim_lease(&c, &nodes[1], "boot-2").await;
+/// b boots again: its Lease names a new boot, so the old report (boot-1) is stale.
+async fn b_rebooted_waits_for_its_new_report(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    program: &str,
+) {
+    sim_lease(c, &nodes[1], "boot-2").await;
     let status = wait_for("b waiting for its new boot's report", 10, || async {
-        sim_lease(&c, &nodes[1], "boot-2").await;
+        sim_lease(c, &nodes[1], "boot-2").await;
         let s = bpp.get(program).await.unwrap().status?;
         (s.nodes.lost == 0 && s.nodes.pending == 1).then_some(s)
     })
@@ -164,12 +193,19 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
         "{}",
         sample.reason
     );
-    wait_event(&c, "NodeRebooted", program).await;
+    wait_event(c, "NodeRebooted", program).await;
+}
 
-    // Its agent loads afresh and reports from the new boot: counted again.
-    sim_report_from_boot(&c, &nodes[1], program, 1, "Loaded", Some("boot-2")).await;
+/// Its agent loads afresh and reports from the new boot: counted again.
+async fn b_counts_again_after_reporting(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    program: &str,
+) {
+    sim_report_from_boot(c, &nodes[1], program, 1, "Loaded", Some("boot-2")).await;
     let status = wait_for("b loaded again", 10, || async {
-        sim_lease(&c, &nodes[1], "boot-2").await;
+        sim_lease(c, &nodes[1], "boot-2").await;
         let s = bpp.get(program).await.unwrap().status?;
         (s.nodes.loaded == 2).then_some(s)
     })
@@ -181,7 +217,7 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
         .find(|c| c.type_ == "Ready")
         .unwrap();
     assert_eq!(ready.status, "True", "{}", ready.message);
-    let ev = wait_event(&c, "NodeReturned", program).await;
+    let ev = wait_event(c, "NodeReturned", program).await;
     assert!(
         ev.note
             .as_deref()
@@ -190,6 +226,4 @@ async fn a_silent_agent_is_lost_within_the_bound_and_a_rebooted_one_counts_after
         "{:?}",
         ev.note
     );
-    renew_a.abort();
-    cleanup(&c, test, &nodes, &[program]).await;
 }
