@@ -173,64 +173,100 @@ async fn status_of_every_phase_is_accepted_by_the_crd_schema() {
     let bpp: Api<BpfPolyProgram> = Api::all(c.clone());
     let all = json!({"maxUnavailable": "100%", "canary": 0});
 
-    // Valid and running everywhere.
+    valid_runs_everywhere(&c, &bpp, &nodes, test, &all).await;
+    no_node_selected(&c, &bpp, &all).await;
+    no_eligible_variant(&c, &bpp, test, &all).await;
+    paused_when_degraded(&c, &bpp, &nodes, test).await;
+    dead_fallback_warns(&c, &bpp, &nodes, test, &all).await;
+    deleting_times_out(&c, &bpp, &nodes, test, &all).await;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let metrics = http_get_metrics(port).await;
+    assert_no_refused_write(port, &metrics);
+    cleanup(&c, test, &nodes, &programs).await;
+}
+
+/// Valid and running everywhere.
+async fn valid_runs_everywhere(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    test: &str,
+    all: &serde_json::Value,
+) {
     bpp.create(
         &PostParams::default(),
         &tracer("ph-valid", test, all.clone()),
     )
     .await
     .unwrap();
-    for n in &nodes {
+    for n in nodes {
         wait_for("assigned", 20, || async {
-            assigned(&c, n, "ph-valid").await
+            assigned(c, n, "ph-valid").await
         })
         .await;
-        sim_report(&c, n, "ph-valid", 1, "Loaded").await;
+        sim_report(c, n, "ph-valid", 1, "Loaded").await;
     }
-    let r = ready(&c, "ph-valid", Some(1)).await;
+    let r = ready(c, "ph-valid", Some(1)).await;
     let r = if r.status == "True" {
         r
     } else {
         wait_for("ph-valid Ready=True", 20, || async {
-            let r = ready(&c, "ph-valid", Some(1)).await;
+            let r = ready(c, "ph-valid", Some(1)).await;
             (r.status == "True").then_some(r)
         })
         .await
     };
     assert_eq!(r.reason, "Running", "{r:?}");
+}
 
-    // A selector that matches no node: said plainly, not Ready.
+/// A selector that matches no node: said plainly, not Ready.
+async fn no_node_selected(c: &kube::Client, bpp: &Api<BpfPolyProgram>, all: &serde_json::Value) {
     let mut none = tracer("ph-none", "no-such-test", all.clone());
     none.spec.node_selector = Some(
         serde_json::from_value(json!({"matchLabels": {"bpfpoly.io/test": "no-such-test"}}))
             .unwrap(),
     );
     bpp.create(&PostParams::default(), &none).await.unwrap();
-    let r = ready(&c, "ph-none", Some(1)).await;
+    let r = ready(c, "ph-none", Some(1)).await;
     assert_eq!(
         (r.status.as_str(), r.reason.as_str()),
         ("False", "NoNodesSelected"),
         "{r:?}"
     );
-    let ev = wait_event(&c, "NoNodesSelected", "ph-none").await;
+    let ev = wait_event(c, "NoNodesSelected", "ph-none").await;
     assert!(
         ev.note.unwrap().contains("no-such-test"),
         "the Event names the selector"
     );
+}
 
-    // No eligible variant on any node.
+/// No eligible variant on any node.
+async fn no_eligible_variant(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    test: &str,
+    all: &serde_json::Value,
+) {
     let mut unsup = tracer("ph-unsup", test, all.clone());
     unsup.spec.variants.retain(|v| v.name == "tp-btf");
     unsup.spec.variants[0].requires.kernel = Some(">=9.0".into());
     bpp.create(&PostParams::default(), &unsup).await.unwrap();
-    let r = ready(&c, "ph-unsup", Some(1)).await;
+    let r = ready(c, "ph-unsup", Some(1)).await;
     assert_eq!(
         (r.status.as_str(), r.reason.as_str()),
         ("False", "NoEligibleNode"),
         "{r:?}"
     );
+}
 
-    // Paused: every updated node degraded.
+/// Paused: every updated node degraded.
+async fn paused_when_degraded(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    test: &str,
+) {
     bpp.create(
         &PostParams::default(),
         &tracer(
@@ -241,12 +277,12 @@ async fn status_of_every_phase_is_accepted_by_the_crd_schema() {
     )
     .await
     .unwrap();
-    for n in &nodes {
+    for n in nodes {
         wait_for("assigned", 20, || async {
-            assigned(&c, n, "ph-paused").await
+            assigned(c, n, "ph-paused").await
         })
         .await;
-        sim_report(&c, n, "ph-paused", 1, "Degraded").await;
+        sim_report(c, n, "ph-paused", 1, "Degraded").await;
     }
     let paused = wait_for("paused rollout", 20, || async {
         let s = bpp.get("ph-paused").await.unwrap().status?;
@@ -257,8 +293,16 @@ async fn status_of_every_phase_is_accepted_by_the_crd_schema() {
         .conditions
         .iter()
         .any(|c| c.type_ == "Ready" && c.reason == "RolloutPaused"));
+}
 
-    // A dead fallback: a warning in status and an Event; the program runs.
+/// A dead fallback: a warning in status and an Event; the program runs.
+async fn dead_fallback_warns(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    test: &str,
+    all: &serde_json::Value,
+) {
     let mut warn = tracer("ph-warn", test, all.clone());
     warn.spec.config.push(
         serde_json::from_value(
@@ -276,34 +320,42 @@ async fn status_of_every_phase_is_accepted_by_the_crd_schema() {
         warned[0].starts_with("spec.config[2].fallback: is never used"),
         "{warned:?}"
     );
-    let ev = wait_event(&c, "SpecWarning", "ph-warn").await;
+    let ev = wait_event(c, "SpecWarning", "ph-warn").await;
     assert_eq!(ev.type_.as_deref(), Some("Warning"));
-    for n in &nodes {
+    for n in nodes {
         wait_for("ph-warn assigned despite the warning", 20, || async {
-            assigned(&c, n, "ph-warn").await
+            assigned(c, n, "ph-warn").await
         })
         .await;
     }
+}
 
-    // Deleting, with agents that never confirm: the unload timeout is written to status.
+/// Deleting, with agents that never confirm: the unload timeout is written to status.
+async fn deleting_times_out(
+    c: &kube::Client,
+    bpp: &Api<BpfPolyProgram>,
+    nodes: &[String],
+    test: &str,
+    all: &serde_json::Value,
+) {
     bpp.create(
         &PostParams::default(),
         &tracer("ph-deleting", test, all.clone()),
     )
     .await
     .unwrap();
-    for n in &nodes {
+    for n in nodes {
         wait_for("assigned", 20, || async {
-            assigned(&c, n, "ph-deleting").await
+            assigned(c, n, "ph-deleting").await
         })
         .await;
-        sim_report(&c, n, "ph-deleting", 1, "Loaded").await;
+        sim_report(c, n, "ph-deleting", 1, "Loaded").await;
     }
     bpp.delete("ph-deleting", &DeleteParams::default())
         .await
         .unwrap();
     // The operator gives up after its --unload-timeout of 10 s.
-    wait_event_within(&c, "UnloadTimeout", "ph-deleting", 30).await;
+    wait_event_within(c, "UnloadTimeout", "ph-deleting", 30).await;
     wait_for("ph-deleting gone", 30, || async {
         bpp.get_opt("ph-deleting")
             .await
@@ -312,11 +364,6 @@ async fn status_of_every_phase_is_accepted_by_the_crd_schema() {
             .then_some(())
     })
     .await;
-
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let metrics = http_get_metrics(port).await;
-    assert_no_refused_write(port, &metrics);
-    cleanup(&c, test, &nodes, &programs).await;
 }
 
 #[tokio::test]
