@@ -8,7 +8,7 @@
 
 mod loader_support;
 
-use std::{fs, time::Duration};
+use std::{fs, path::Path, time::Duration};
 
 use aya::programs::Xdp;
 use bpfpoly_agent::loader::{assignment_digest, Loader, LoaderConfig, Outcome};
@@ -21,22 +21,15 @@ use loader_support::{
 use loader_support::{count, wait_count};
 use serde_json::json;
 
-#[test]
-fn hostile_bytecode_fails_cleanly_and_the_running_version_keeps_running() {
-    require_privileges!();
-    let root = Root::new();
-    let veth = Veth::new();
-    let dir = std::env::temp_dir().join(unique_name(&format!(
-        "bpfpoly-bytecode-{}",
-        std::process::id()
-    )));
-    let outside = std::env::temp_dir().join(unique_name(&format!(
-        "bpfpoly-outside-{}",
-        std::process::id()
-    )));
-    fs::create_dir_all(&dir).unwrap();
-    fs::create_dir_all(&outside).unwrap();
-    let classifier = bpfpoly_agent::builtin::builtin("packet-classifier-xdp").unwrap();
+/// Writes the hostile files (and a good one) into `dir` and one outside it; returns each
+/// case as (path, the sha256 it is given with, what the status message must say).
+fn hostile_files(
+    dir: &Path,
+    outside: &Path,
+    classifier: &[u8],
+) -> Vec<(String, String, &'static str)> {
+    fs::create_dir_all(dir).unwrap();
+    fs::create_dir_all(outside).unwrap();
     let sha = |b: &[u8]| bpfpoly_agent::fetch::sha256_hex(b);
     fs::write(dir.join("zero.o"), b"").unwrap();
     fs::write(dir.join("truncated.o"), &classifier[..200]).unwrap();
@@ -51,17 +44,9 @@ fn hostile_bytecode_fails_cleanly_and_the_running_version_keeps_running() {
         .collect();
     fs::write(dir.join("garbage.o"), &garbage).unwrap();
 
-    let max = 1 << 20;
-    let fetch = fetch_with(vec![dir.clone()], max);
-    let mut loader = Loader::new(LoaderConfig {
-        allowed_dirs: vec![dir.clone()],
-        max_object_bytes: max,
-        ..root.config()
-    })
-    .unwrap();
     let p = |f: &str| dir.join(f).display().to_string();
     let true_bytes = fs::read("/bin/true").unwrap();
-    let cases: Vec<(String, String, &str)> = vec![
+    vec![
         (p("zero.o"), sha(b""), "empty"),
         (p("truncated.o"), sha(&classifier[..200]), "ELF"),
         (p("true.o"), sha(&true_bytes), "not an eBPF object"),
@@ -88,7 +73,34 @@ fn hostile_bytecode_fails_cleanly_and_the_running_version_keeps_running() {
         ),
         (p("big.o"), sha(b""), "over the limit"),
         (p("missing.o"), sha(b""), "No such file"),
-    ];
+    ]
+}
+
+#[test]
+fn hostile_bytecode_fails_cleanly_and_the_running_version_keeps_running() {
+    require_privileges!();
+    let root = Root::new();
+    let veth = Veth::new();
+    let dir = std::env::temp_dir().join(unique_name(&format!(
+        "bpfpoly-bytecode-{}",
+        std::process::id()
+    )));
+    let outside = std::env::temp_dir().join(unique_name(&format!(
+        "bpfpoly-outside-{}",
+        std::process::id()
+    )));
+    let classifier = bpfpoly_agent::builtin::builtin("packet-classifier-xdp").unwrap();
+    let sha = |b: &[u8]| bpfpoly_agent::fetch::sha256_hex(b);
+    let cases = hostile_files(&dir, &outside, classifier);
+    let max = 1 << 20;
+    let fetch = fetch_with(vec![dir.clone()], max);
+    let mut loader = Loader::new(LoaderConfig {
+        allowed_dirs: vec![dir.clone()],
+        max_object_bytes: max,
+        ..root.config()
+    })
+    .unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
     let with_path = |name: &str, generation: i64, path: &str, sha256: &str| {
         let mut v = classifier_variant("xdp", "packet-classifier-xdp", &veth.a, None);
         v["bytecode"] = json!({"path": path, "sha256": sha256});
