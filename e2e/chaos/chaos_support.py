@@ -408,9 +408,25 @@ def restart_operator():
     return {"old_pod": pod, "old_pid": pid, "new_leader": holder, "leading_after_s": round(time.time() - t0, 2)}
 
 
+def lease_apply(node, boot="simulated-boot"):
+    """Renews `node`'s agent liveness Lease as its agent does (kube-node-lease/bpfpoly-agent-<node>,
+    field manager bpfpoly-agent/<node>): the operator counts a node whose Lease is not renewed
+    within --node-lost-after as lost, and its reports with it."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1000000:06d}Z"
+    body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": f"bpfpoly-agent-{node}", "namespace": "kube-node-lease",
+                         "labels": {"bpfpoly.io/agent-lease": "true"},
+                         "annotations": {"bpfpoly.io/boot-id": boot}},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": 20, "renewTime": now}}
+    return subprocess.run(["kubectl", "--request-timeout=5s", "apply", "--server-side", "--force-conflicts",
+                           f"--field-manager=bpfpoly-agent/{node}", "-f", "-"],
+                          input=json.dumps(body), capture_output=True, text=True, check=False)
+
+
 class SimulatedAgents:
     """Agents for simulated nodes: every program assigned is reported Loaded at its
-    generation, after `delay[program]` seconds (0 for the rest, e.g. the samples)."""
+    generation, after `delay[program]` seconds (0 for the rest, e.g. the samples), and each
+    node's liveness Lease is renewed every 2 s (removed on stop)."""
 
     def __init__(self, nodes, delay):
         self.nodes, self.delay = nodes, delay
@@ -418,14 +434,22 @@ class SimulatedAgents:
         self.lock = threading.Lock()
         self.stop_ev = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+        self.renewer = threading.Thread(target=self.renew, daemon=True)
         self.pending = {}
 
     def start(self):
+        for node in self.nodes:
+            lease_apply(node)
+        self.renewer.start()
         self.thread.start()
 
     def stop(self):
         self.stop_ev.set()
         self.thread.join()
+        self.renewer.join()
+        for node in self.nodes:
+            kubectl("delete", "lease", "-n", "kube-node-lease", f"bpfpoly-agent-{node}", "--ignore-not-found",
+                    check=False)
 
     def assigned(self, node, program):
         with self.lock:
@@ -434,6 +458,12 @@ class SimulatedAgents:
     def reported(self, node, program):
         with self.lock:
             return self.state.get(node, {}).get(program, (None, None))[1]
+
+    def renew(self):
+        while not self.stop_ev.is_set():
+            for node in self.nodes:
+                lease_apply(node)
+            self.stop_ev.wait(2)
 
     def run(self):
         while not self.stop_ev.is_set():
