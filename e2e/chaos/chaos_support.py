@@ -408,7 +408,10 @@ def restart_operator():
     return {"old_pod": pod, "old_pid": pid, "new_leader": holder, "leading_after_s": round(time.time() - t0, 2)}
 
 
-def lease_apply(node, boot="simulated-boot"):
+SIMULATED_BOOT = "simulated-boot"
+
+
+def lease_apply(node, boot=SIMULATED_BOOT):
     """Renews `node`'s agent liveness Lease as its agent does (kube-node-lease/bpfpoly-agent-<node>,
     field manager bpfpoly-agent/<node>): the operator counts a node whose Lease is not renewed
     within --node-lost-after as lost, and its reports with it."""
@@ -426,7 +429,8 @@ def lease_apply(node, boot="simulated-boot"):
 class SimulatedAgents:
     """Agents for simulated nodes: every program assigned is reported Loaded at its
     generation, after `delay[program]` seconds (0 for the rest, e.g. the samples), and each
-    node's liveness Lease is renewed every 2 s (removed on stop)."""
+    node's liveness Lease is renewed every 2 s (removed on stop). Reports and Leases name the
+    same boot, as a real agent's do, so the operator counts the reports."""
 
     def __init__(self, nodes, delay):
         self.nodes, self.delay = nodes, delay
@@ -492,5 +496,5 @@ class SimulatedAgents:
                 if any(want.get(n) != reported.get(n) for n in want):
                     programs = [{"name": n, "observedGeneration": g, "phase": "Loaded", "variant": variants.get(n, "-"),
                                  "message": "simulated"} for n, g in sorted(want.items()) if g is not None]
-                    status_apply("BpfNodeState", node, {"programs": programs}, check=False)
+                    status_apply("BpfNodeState", node, {"programs": programs, "bootId": SIMULATED_BOOT}, check=False)
             time.sleep(0.1)
