@@ -1,26 +1,12 @@
 //! BTF mutations for the fuzz tests (included with `#[path]`): type records rewired into
 //! loops, huge vlens, bad kinds; an object's `.BTF`, and queries that reach its types; and
 //! the field-value primitives the object mutations use too.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
-use std::time::Instant;
-
-use bpfpoly_agent::inspect::inspect_bytes;
-use bpfpoly_agent::loader::object::check::{check_variant, resolve_auto};
-use bpfpoly_agent::loader::object::{inspect, Mechanism};
-use bpfpoly_crds::program::{Dispatch, Variant};
 use bpfpoly_crds::requirement::Query;
-use bpfpoly_crds::state::ResolvedConfig;
 use object::{Object as _, ObjectSection as _};
-use serde_json::json;
 
-use crate::fuzz_knobs::{base_seed, budget, Rng};
+use crate::fuzz_knobs::Rng;
 
 // BTF.
 

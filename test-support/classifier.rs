@@ -1,28 +1,14 @@
 //! The packet classifier under BPF_PROG_TEST_RUN, for node-agent/tests/classifier_dispatch.rs
 //! (included with `#[path]`): crafted frames, the dispatch matrix, a loaded classifier with
 //! its handlers, and what a run must leave in its maps.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::ErrorKind,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        OnceLock,
-    },
-    time::{Duration, Instant},
-};
+use std::collections::BTreeMap;
 
 use aya::{
-    maps::{MapData, PerCpuArray, PerfEventArray, ProgramArray, RingBuf},
-    programs::{
-        kprobe::KProbeError, BtfTracePoint, Extension, KProbe, ProgramError, RawTracePoint,
-        SchedClassifier, TestRun, TestRunOptions, TracePoint, Xdp,
-    },
-    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, ProgramArray},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
 };
 
 use crate::ebpf_support::*;

@@ -3,29 +3,19 @@
 //! the privilege check (a missing privilege fails the test with the reason, only
 //! `BPFPOLY_SKIP_PRIVILEGED=1` skips), the mounts, unique names, the built-in objects, errno
 //! and verifier-log helpers. Each file uses a part of it.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 use std::{
-    collections::BTreeMap,
     fs,
-    io::ErrorKind,
     path::{Path, PathBuf},
     process::Command,
     sync::{
         atomic::{AtomicU32, Ordering},
         OnceLock,
     },
-    time::{Duration, Instant},
 };
 
-use aya::{
-    maps::{MapData, PerCpuArray, PerfEventArray, ProgramArray, RingBuf},
-    programs::{
-        kprobe::KProbeError, BtfTracePoint, Extension, KProbe, ProgramError, RawTracePoint,
-        SchedClassifier, TestRun, TestRunOptions, TracePoint, Xdp,
-    },
-    Btf, Ebpf, EbpfLoader,
-};
+use aya::{programs::ProgramError, Btf, Ebpf};
 
 use crate::builtin;
 

@@ -1,26 +1,16 @@
 //! Reporting for the fuzz tests of node-agent/tests (`fuzz_objects.rs`, `fuzz_btf.rs`),
 //! included with `#[path]`: a tally of executions and distinct outcomes per target, panics
 //! caught with their input saved under `target/fuzz-crashes/`.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use bpfpoly_agent::inspect::inspect_bytes;
-use bpfpoly_agent::loader::object::check::{check_variant, resolve_auto};
-use bpfpoly_agent::loader::object::{inspect, Mechanism};
-use bpfpoly_crds::program::{Dispatch, Variant};
-use bpfpoly_crds::requirement::Query;
-use bpfpoly_crds::state::ResolvedConfig;
-use object::{Object as _, ObjectSection as _};
 use serde_json::json;
-
-use crate::fuzz_knobs::{base_seed, budget, Rng};
 
 /// Masks numbers so one message shape counts once.
 pub fn shape(message: &str) -> String {

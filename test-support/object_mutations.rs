@@ -2,27 +2,17 @@
 //! with `#[path]`): built-ins, `ebpf/build/*.o`, the parity corpus and libxdp1's objects;
 //! ELF header, section header and symbol fields set to boundary values, byte noise aimed at
 //! what the parsers read, truncation, insertion and deletion, spliced section data.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
-use std::time::Instant;
 
 use bpfpoly_agent::inspect::inspect_bytes;
-use bpfpoly_agent::loader::object::check::{check_variant, resolve_auto};
-use bpfpoly_agent::loader::object::{inspect, Mechanism};
-use bpfpoly_crds::program::{Dispatch, Variant};
-use bpfpoly_crds::requirement::Query;
-use bpfpoly_crds::state::ResolvedConfig;
 use object::{Object as _, ObjectSection as _};
-use serde_json::json;
 
 use crate::btf_mutations::{interesting, mutate_btf, write_le};
-use crate::fuzz_knobs::{base_seed, budget, Rng};
+use crate::fuzz_knobs::Rng;
 
 // The corpus.
 

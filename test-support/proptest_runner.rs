@@ -1,7 +1,7 @@
 //! The time-bounded proptest runner of the API crate's fuzz tests (`fuzz_crds.rs`,
 //! `fuzz_parsers.rs`), included with `#[path]`: strategies run in chunks until the budget is
 //! spent, each chunk with its own seed, outcomes tallied by message shape.
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -9,12 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use bpfpoly_crds::document::{check_stream, check_value};
-use bpfpoly_crds::program::ConfigType;
-use bpfpoly_crds::requirement::{KernelRequirement, KernelVersion, Query};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
-use serde_json::Value;
 
 use crate::fuzz_knobs::{base_seed, budget};
 
