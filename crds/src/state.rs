@@ -81,13 +81,46 @@ pub fn agent_lease_name(node: &str) -> String {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BpfNodeStateSpec {
-    /// Programs assigned to this node, written by the operator.
+    /// Programs assigned to this node, written by the operator. Each entry holds only what
+    /// differs per node; the agent reads the variant definitions, the dispatch table and the
+    /// fallback policy from the BpfPolyProgram itself, at the entry's generation.
     #[serde(default)]
-    pub programs: Vec<std::sync::Arc<ProgramAssignment>>,
+    pub programs: Vec<std::sync::Arc<AssignedProgram>>,
 }
 
-/// One program assigned to a node: the candidates in order and the resolved config.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// One program assigned to a node, as its node state carries it: which variants this node
+/// may run, in order, and which config globals fell back here and why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignedProgram {
+    /// BpfPolyProgram name.
+    pub name: String,
+    /// BpfPolyProgram generation this assignment was computed from. The agent loads it only
+    /// after it has read the program at this generation.
+    pub generation: i64,
+    /// Names of the variants eligible on this node (`spec.variants[].name`), in the order
+    /// the agent tries them. The operator has checked their requirements against this node.
+    pub variants: Vec<String>,
+    /// The config globals that fall back on this node (they take their `fallback` value),
+    /// each with why. Every other global takes its declared `value`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_fallbacks: Vec<ConfigFallback>,
+}
+
+/// A config global that falls back on one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigFallback {
+    /// Global name (`spec.config[].name`).
+    pub name: String,
+    /// Why: the requirement and the node's fact.
+    pub reason: String,
+}
+
+/// One program as the agent runs it on a node: an [`AssignedProgram`] resolved against its
+/// BpfPolyProgram (see [`resolve`]): the candidates in order and the resolved config. Not
+/// stored in the API; it is what the loader takes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProgramAssignment {
     /// BpfPolyProgram name.
@@ -125,6 +158,121 @@ pub struct ResolvedConfig {
     /// Why the fallback was chosen (the requirement and the node's fact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// Why an [`AssignedProgram`] cannot be resolved against the program the agent has read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The program read is at another generation (the agent waits for the one assigned).
+    #[error("the assignment is for generation {assigned} of BpfPolyProgram {name:?}, and this agent has read generation {read}")]
+    Generation {
+        /// Program name.
+        name: String,
+        /// Generation in the node state.
+        assigned: i64,
+        /// Generation of the program read.
+        read: i64,
+    },
+    /// A name in the assignment is not in the program at that generation.
+    #[error(
+        "BpfPolyProgram {name:?} generation {generation}: {what} {missing:?} is not in its spec"
+    )]
+    Unknown {
+        /// Program name.
+        name: String,
+        /// Its generation.
+        generation: i64,
+        /// `variant` or `config global`.
+        what: &'static str,
+        /// The name not found.
+        missing: String,
+    },
+    /// A global said to fall back has no fallback value.
+    #[error("BpfPolyProgram {name:?} generation {generation}: config global {global:?} falls back on this node but has no fallback value")]
+    NoFallback {
+        /// Program name.
+        name: String,
+        /// Its generation.
+        generation: i64,
+        /// The global.
+        global: String,
+    },
+}
+
+/// `a` resolved against `program` (read at `generation`, its `metadata.generation`): the
+/// named variants in the assignment's order without their `requires`, every config global
+/// with its value (the fallback where the assignment says so, with its reason), the
+/// program's dispatch table and fallback policy.
+pub fn resolve(
+    a: &AssignedProgram,
+    program: &crate::BpfPolyProgramSpec,
+    generation: i64,
+) -> Result<ProgramAssignment, ResolveError> {
+    if generation != a.generation {
+        return Err(ResolveError::Generation {
+            name: a.name.clone(),
+            assigned: a.generation,
+            read: generation,
+        });
+    }
+    let unknown = |what, missing: &str| ResolveError::Unknown {
+        name: a.name.clone(),
+        generation,
+        what,
+        missing: missing.to_string(),
+    };
+    let candidates = a
+        .variants
+        .iter()
+        .map(|n| {
+            program
+                .variants
+                .iter()
+                .find(|v| &v.name == n)
+                .map(|v| Variant {
+                    requires: Default::default(),
+                    ..v.clone()
+                })
+                .ok_or_else(|| unknown("variant", n))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(f) = a
+        .config_fallbacks
+        .iter()
+        .find(|f| !program.config.iter().any(|c| c.name == f.name))
+    {
+        return Err(unknown("config global", &f.name));
+    }
+    let config = program
+        .config
+        .iter()
+        .map(|c| {
+            let fell = a.config_fallbacks.iter().find(|f| f.name == c.name);
+            let value = match fell {
+                None => c.value.clone(),
+                Some(_) => c.fallback.clone().ok_or_else(|| ResolveError::NoFallback {
+                    name: a.name.clone(),
+                    generation,
+                    global: c.name.clone(),
+                })?,
+            };
+            Ok(ResolvedConfig {
+                name: c.name.clone(),
+                type_: c.type_,
+                value,
+                fell_back: fell.is_some(),
+                reason: fell.map(|f| f.reason.clone()),
+            })
+        })
+        .collect::<Result<Vec<_>, ResolveError>>()?;
+    Ok(ProgramAssignment {
+        name: a.name.clone(),
+        generation,
+        candidates,
+        config,
+        dispatch: program.dispatch.clone(),
+        fallback: program.fallback.clone(),
+    })
 }
 
 /// What the agent runs.
@@ -268,6 +416,97 @@ pub struct FallbackRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn program() -> crate::BpfPolyProgramSpec {
+        serde_yaml::from_str(
+            r#"
+variants:
+- {name: a, bytecode: {builtin: x}, programs: [{name: f}], requires: {kernel: ">=6.6"}}
+- {name: b, bytecode: {builtin: y}, programs: [{name: f}]}
+config:
+- {name: count, type: bool, value: "true", fallback: "false", requires: {kernel: ">=6.6"}}
+- {name: limit, type: u32, value: "7"}
+"#,
+        )
+        .unwrap()
+    }
+
+    fn assigned(generation: i64, variants: &[&str], fell: &[&str]) -> AssignedProgram {
+        AssignedProgram {
+            name: "p".into(),
+            generation,
+            variants: variants.iter().map(ToString::to_string).collect(),
+            config_fallbacks: fell
+                .iter()
+                .map(|n| ConfigFallback {
+                    name: n.to_string(),
+                    reason: "kernel >=6.6 kernel is 6.1.0".into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn resolve_takes_the_named_variants_in_order_and_the_fallback_values() {
+        let r = resolve(&assigned(3, &["b", "a"], &["count"]), &program(), 3).unwrap();
+        let names: Vec<&str> = r.candidates.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert!(r
+            .candidates
+            .iter()
+            .all(|v| v.requires == Default::default()));
+        assert_eq!(r.generation, 3);
+        let config: Vec<(&str, &str, bool, Option<&str>)> = r
+            .config
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.value.as_str(),
+                    c.fell_back,
+                    c.reason.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            config,
+            [
+                ("count", "false", true, Some("kernel >=6.6 kernel is 6.1.0")),
+                ("limit", "7", false, None)
+            ]
+        );
+        let plain = resolve(&assigned(3, &["a"], &[]), &program(), 3).unwrap();
+        assert_eq!(plain.config[0].value, "true");
+        assert!(!plain.config[0].fell_back);
+    }
+
+    #[test]
+    fn resolve_refuses_another_generation_and_names_it_does_not_know() {
+        let e = resolve(&assigned(3, &["a"], &[]), &program(), 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the assignment is for generation 3 of BpfPolyProgram \"p\", and this agent has read generation 4"
+        );
+        let e = resolve(&assigned(3, &["a", "z"], &[]), &program(), 3).unwrap_err();
+        assert!(
+            e.to_string().contains("variant \"z\" is not in its spec"),
+            "{e}"
+        );
+        let e = resolve(&assigned(3, &["a"], &["nope"]), &program(), 3).unwrap_err();
+        assert!(e.to_string().contains("config global \"nope\""), "{e}");
+        let e = resolve(&assigned(3, &["a"], &["limit"]), &program(), 3).unwrap_err();
+        assert!(e.to_string().contains("has no fallback value"), "{e}");
+    }
+
+    #[test]
+    fn an_assigned_program_is_small_and_omits_empty_fallbacks() {
+        let json =
+            serde_json::to_string(&assigned(1, &["kprobe", "tp-btf", "tracepoint"], &[])).unwrap();
+        assert_eq!(
+            json,
+            r#"{"name":"p","generation":1,"variants":["kprobe","tp-btf","tracepoint"]}"#
+        );
+    }
 
     #[test]
     fn agent_field_manager_names_the_node_and_fits_the_limit() {

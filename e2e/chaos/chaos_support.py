@@ -480,7 +480,7 @@ class SimulatedAgents:
                 if node not in self.nodes:
                     continue
                 assigned = {a["name"]: a["generation"] for a in st.get("spec", {}).get("programs", [])}
-                variants = {a["name"]: (a.get("candidates") or [{}])[0].get("name", "-")
+                variants = {a["name"]: (a.get("variants") or ["-"])[0]
                             for a in st.get("spec", {}).get("programs", [])}
                 reported = {p["name"]: p.get("observedGeneration") for p in st.get("status", {}).get("programs", [])}
                 want = {}

@@ -132,6 +132,10 @@ def settled(nodes, programs):
         if not ready or ready[0]["status"] != "True" or ready[0].get("observedGeneration") != o["metadata"]["generation"]:
             return f"{p}: not Ready ({ready[0].get('reason') if ready else 'no condition'})"
     states = {o["metadata"]["name"]: o for o in kubectl_json("get", "bns")["items"]}
+    # A node state names the globals that fell back; the value written is the program's
+    # fallback (assignments and programs are read at the same generation here: settled).
+    fallback_of = {(o["metadata"]["name"], c["name"]): c.get("fallback")
+                   for o in kubectl_json("get", "bpp")["items"] for c in o["spec"].get("config", [])}
     for n in nodes:
         st = {s["name"]: s for s in states.get(n, {}).get("status", {}).get("programs", [])}
         for p in programs:
@@ -142,6 +146,10 @@ def settled(nodes, programs):
 
 def collect(kernels, programs):
     states = {o["metadata"]["name"]: o for o in kubectl_json("get", "bns")["items"]}
+    # A node state names the globals that fell back; the value written is the program's
+    # fallback (assignments and programs are read at the same generation here: settled).
+    fallback_of = {(o["metadata"]["name"], c["name"]): c.get("fallback")
+                   for o in kubectl_json("get", "bpp")["items"] for c in o["spec"].get("config", [])}
     rows = []
     for k in kernels:
         node = node_of(k)
@@ -157,8 +165,9 @@ def collect(kernels, programs):
                                "reason": f.get("reason", ""),
                                "verifierLog": (f.get("verifierLog") or "")[-600:]}
                               for f in s.get("fallbacks", [])],
-                "configFallbacks": [{"field": c["name"], "value": c["value"], "reason": c.get("reason")}
-                                    for c in a.get("config", []) if c.get("fellBack")],
+                "configFallbacks": [{"field": c["name"], "value": fallback_of.get((p, c["name"])),
+                                     "reason": c.get("reason")}
+                                    for c in a.get("configFallbacks", [])],
                 "handlers": [{"key": h["key"], "state": h["state"]} for h in s.get("handlers", [])],
                 "message": s.get("message", ""),
             })

@@ -197,10 +197,14 @@ class Scenarios(unittest.TestCase):
         self.assertEqual(old["variant"], "tc-legacy", "6.1 BTF lacks struct bpf_iter_num")
         self.assertIn("on tc (netlink) bpfpoly1 (ingress)", old["message"], "no TCX before 6.6: legacy tc")
         st = kubectl_json("get", "bns", OLD_NODE)
-        cfg = [a for a in st["spec"]["programs"] if a["name"] == "classifier-config-fallback"][0]["config"]
-        count_bytes = [c for c in cfg if c["name"] == "count_bytes"][0]
-        self.assertTrue(count_bytes["fellBack"])
-        self.assertEqual(count_bytes["value"], "false")
+        # The node state names the globals that fell back (with why); the value written is
+        # the program's fallback, read by the agent (its status message says which).
+        entry = [a for a in st["spec"]["programs"] if a["name"] == "classifier-config-fallback"][0]
+        fell = {c["name"]: c["reason"] for c in entry.get("configFallbacks", [])}
+        self.assertIn("count_bytes", fell, entry)
+        self.assertIn("kernel", fell["count_bytes"], entry)
+        self.assertEqual(entry["variants"][0], "tc-legacy", entry)
+        self.assertIn("config fallbacks: count_bytes=false", old["message"])
         explain = sh(os.path.join(BIN, "bpfpoly-operator"), "explain", "classifier-config-fallback")
         self.assertIn("rejected xdp-modern: kernel >=6.6 kernel is 6.1.0", explain)
         self.assertIn("config count_bytes = false (fallback:", explain)

@@ -3,7 +3,8 @@
 //! metrics. SIGTERM (or SIGKILL) leaves the programs running; a restarted agent adopts them.
 //!
 //! Its parts: `answers` (the profile and the operator's queries), `bytecode` (what a load
-//! needs first), `reconcile` (one pass over the node's state), `report` (metrics, Events,
+//! needs first), `resolve` (the node state's entries read against their programs), `reconcile` (one
+//! pass over the node's state), `report` (metrics, Events,
 //! status) and `http` (the endpoints).
 
 mod answers;
@@ -11,6 +12,7 @@ mod bytecode;
 mod http;
 mod reconcile;
 mod report;
+mod resolve;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -20,12 +22,13 @@ use std::sync::{Arc, Mutex};
 
 use bpfpoly_agent::loader::{Loader, LoaderConfig};
 use bpfpoly_crds::state::ProgramStatus;
-use bpfpoly_crds::{BpfNodeProfile, BpfNodeState};
+use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::Client;
+use kube::{Client, ResourceExt};
 
 use crate::metrics::Metrics;
 use crate::retry::LoadBackoff;
@@ -113,6 +116,10 @@ struct Agent {
     backoff: LoadBackoff<ProgramStatus>,
     /// The kernel boot every report names.
     boot_id: Option<String>,
+    /// The BpfPolyPrograms read (the variant definitions the node state names).
+    programs: Store<BpfPolyProgram>,
+    /// Node-state entries resolved against them.
+    resolved: resolve::Resolved,
 }
 
 fn mount_if_missing(target: &str, fstype: &str) {
@@ -164,6 +171,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     )
     .await?;
 
+    let (programs_store, programs_writer) = reflector::store();
     let mut agent = Agent {
         config_fallbacks,
         recorder: Recorder::new(
@@ -185,6 +193,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         answered: Vec::new(),
         backoff: LoadBackoff::default(),
         boot_id: crate::liveness::boot_id(),
+        programs: programs_store,
+        resolved: resolve::Resolved::default(),
     };
     // The API server may not be reachable yet (or restarting): retry rather than exit.
     while let Err(e) = agent
@@ -195,7 +205,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
     ready.store(true, Ordering::Relaxed);
-    agent.watch().await?;
+    agent.watch(programs_writer).await?;
     tracing::info!(
         "stopping; the programs keep running (use `bpfpoly-agent cleanup` to remove them)"
     );
@@ -252,11 +262,48 @@ fn start_loader(opts: &Options) -> Result<Loader, AgentError> {
 }
 
 impl Agent {
+    /// The BpfPolyPrograms' watch, driven until its first list is in the store (so that the
+    /// first pass over the node state finds the programs it names); the stream goes on
+    /// keeping the store current.
+    async fn read_programs(
+        &self,
+        writer: reflector::store::Writer<BpfPolyProgram>,
+    ) -> impl futures::Stream<Item = Result<BpfPolyProgram, watcher::Error>> {
+        let mut stream = Box::pin(
+            reflector::reflector(
+                writer,
+                watcher(
+                    Api::<BpfPolyProgram>::all(self.client.clone()),
+                    watcher::Config::default(),
+                ),
+            )
+            .backoff(WatchBackoff::jittered())
+            .applied_objects(),
+        );
+        let ready = self.programs.wait_until_ready();
+        let mut ready = std::pin::pin!(ready);
+        loop {
+            tokio::select! {
+                _ = &mut ready => break,
+                next = stream.next() => match next {
+                    Some(Err(e)) => tracing::warn!(error = %e, "cannot read the BpfPolyPrograms yet; retrying"),
+                    Some(Ok(_)) => {}
+                    None => break,
+                },
+            }
+        }
+        stream
+    }
+
     /// Watches this node's profile and state until SIGTERM or SIGINT: queries answered,
     /// states reconciled, failed loads retried when their backoff ends and every 30 s.
-    async fn watch(&mut self) -> Result<(), AgentError> {
+    async fn watch(
+        &mut self,
+        programs_writer: reflector::store::Writer<BpfPolyProgram>,
+    ) -> Result<(), AgentError> {
         let name = self.opts.node_name.clone();
         let selector = format!("metadata.name={name}");
+        let mut programs = std::pin::pin!(self.read_programs(programs_writer).await);
         let profiles = watcher(
             Api::<BpfNodeProfile>::all(self.client.clone()),
             watcher::Config::default().fields(&selector),
@@ -300,6 +347,16 @@ impl Agent {
                 Some(p) = profiles.next() => match p {
                     Ok(p) => self.answer(&p).await,
                     Err(e) => tracing::warn!(error = %e, "profile watch error; retrying"),
+                },
+                Some(p) = programs.next() => match p {
+                    // A program some entry waits for changed: resolve and apply again.
+                    Ok(p) if self.resolved.waiting.contains(&p.name_any()) => {
+                        if let Some(s) = &last_state {
+                            self.reconcile(s).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "program watch error; retrying"),
                 },
                 Some(s) = states.next() => match s {
                     Ok(s) => {

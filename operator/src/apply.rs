@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bpfpoly_crds::program::OnNoEligibleVariant;
 use bpfpoly_crds::select::{decide, program_queries, Decision, NodeFacts, Outcome};
-use bpfpoly_crds::state::{Phase, ProgramAssignment, ProgramStatus};
+use bpfpoly_crds::state::{AssignedProgram, ConfigFallback, Phase, ProgramStatus};
 use bpfpoly_crds::validate::{spec_warnings, validate_program};
 use bpfpoly_crds::{BpfNodeState, BpfPolyProgram, BpfPolyProgramStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -183,14 +183,14 @@ struct Pass<'a> {
     /// Decisions by decision-sharing key: nodes with the same facts decide once.
     decisions: HashMap<&'a str, Decision>,
     /// Assignments by decision-sharing key (one object shared by all its nodes).
-    by_key: HashMap<&'a str, Arc<ProgramAssignment>>,
+    by_key: HashMap<&'a str, Arc<AssignedProgram>>,
     outcomes: BTreeMap<String, NodeOutcome<'a>>,
     /// Eligible nodes, in selection order.
     eligible: Vec<String>,
     /// Nodes asked to answer the program's queries (one per BTF).
     query_nodes: HashSet<String>,
     /// The assignment of each eligible node.
-    assignments: HashMap<String, Arc<ProgramAssignment>>,
+    assignments: HashMap<String, Arc<AssignedProgram>>,
     /// Nodes whose report does not count: a lost agent, or a report from an older boot.
     discounted: HashSet<String>,
 }
@@ -312,33 +312,27 @@ impl<'a> Pass<'a> {
         sha.is_empty() || self.facts.representative.get(&sha) == Some(node)
     }
 
-    /// The assignment of the nodes that share decision `key`: the eligible variants in table
-    /// order, the resolved config, the dispatch table and the fallback policy.
-    fn assignment(&mut self, key: &'a str) -> Arc<ProgramAssignment> {
+    /// The assignment of the nodes that share decision `key`: the names of the eligible
+    /// variants in table order and the config globals that fell back, with why. (The agent
+    /// reads the rest from the program at this generation.)
+    fn assignment(&mut self, key: &'a str) -> Arc<AssignedProgram> {
         if let Some(a) = self.by_key.get(key) {
             return a.clone();
         }
         let d = &self.decisions[key];
-        let spec = &self.p.spec;
-        let by_name: HashMap<&str, _> =
-            spec.variants.iter().map(|v| (v.name.as_str(), v)).collect();
-        let a = Arc::new(ProgramAssignment {
+        let a = Arc::new(AssignedProgram {
             name: self.name.clone(),
             generation: self.generation,
-            candidates: d
-                .eligible
+            variants: d.eligible.iter().map(|e| e.name.clone()).collect(),
+            config_fallbacks: d
+                .config
                 .iter()
-                .filter_map(|e| by_name.get(e.name.as_str()))
-                // The operator has checked the requirements; the agent does not read them,
-                // and they would be written to every node.
-                .map(|v| bpfpoly_crds::program::Variant {
-                    requires: Default::default(),
-                    ..(*v).clone()
+                .filter(|c| c.fell_back)
+                .map(|c| ConfigFallback {
+                    name: c.name.clone(),
+                    reason: c.reason.clone().unwrap_or_default(),
                 })
                 .collect(),
-            config: d.config.clone(),
-            dispatch: spec.dispatch.clone(),
-            fallback: spec.fallback.clone(),
         });
         self.by_key.insert(key, a.clone());
         a

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, Weak};
 
-use bpfpoly_crds::state::ProgramAssignment;
+use bpfpoly_crds::state::AssignedProgram;
 
 /// How many new entries between sweeps of entries no cached state uses any more.
 const SWEEP_EVERY: usize = 4096;
@@ -22,21 +22,20 @@ pub struct Interner {
 
 #[derive(Default)]
 struct Table {
-    by_digest: HashMap<u64, Vec<Weak<ProgramAssignment>>>,
+    by_digest: HashMap<u64, Vec<Weak<AssignedProgram>>>,
     added: usize,
 }
 
-fn digest(a: &ProgramAssignment) -> u64 {
+fn digest(a: &AssignedProgram) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    // The serialized form covers every field (the types hold floats, so no derived Hash).
-    serde_json::to_vec(a).unwrap_or_default().hash(&mut h);
+    a.hash(&mut h);
     h.finish()
 }
 
 impl Interner {
     /// Replaces `a` by the shared assignment with the same content, or makes `a` the shared
     /// one.
-    pub fn intern(&self, a: &mut Arc<ProgramAssignment>) {
+    pub fn intern(&self, a: &mut Arc<AssignedProgram>) {
         let d = digest(a);
         let mut t = self
             .table
@@ -80,14 +79,12 @@ impl Interner {
 mod tests {
     use super::*;
 
-    fn assignment(name: &str, generation: i64) -> Arc<ProgramAssignment> {
-        Arc::new(ProgramAssignment {
+    fn assignment(name: &str, generation: i64) -> Arc<AssignedProgram> {
+        Arc::new(AssignedProgram {
             name: name.into(),
             generation,
-            candidates: vec![],
-            config: vec![],
-            dispatch: None,
-            fallback: Default::default(),
+            variants: vec![],
+            config_fallbacks: vec![],
         })
     }
 

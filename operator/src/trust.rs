@@ -13,7 +13,7 @@
 //! closing that gap needs admission control on the writer's identity (see the README's
 //! security model).
 
-use bpfpoly_crds::state::{agent_field_manager, Phase, ProgramAssignment, ProgramStatus};
+use bpfpoly_crds::state::{agent_field_manager, AssignedProgram, Phase, ProgramStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
 
 /// Reduces `managedFields` to the entries that own part of `status`, each with a token
@@ -110,7 +110,7 @@ pub fn untrusted_status(node: &str, meta: &ObjectMeta) -> Option<String> {
 /// Why one program's reported status contradicts what was assigned to the node, if it does.
 /// `assigned` is the node's current assignment of that program, when it has one.
 pub fn inconsistent_entry(
-    assigned: Option<&ProgramAssignment>,
+    assigned: Option<&AssignedProgram>,
     reported: &ProgramStatus,
 ) -> Option<String> {
     let a = assigned?;
@@ -124,8 +124,8 @@ pub fn inconsistent_entry(
         && matches!(reported.phase, Phase::Loaded | Phase::Degraded)
     {
         if let Some(v) = &reported.variant {
-            if !a.candidates.iter().any(|c| &c.name == v) {
-                let names: Vec<&str> = a.candidates.iter().map(|c| c.name.as_str()).collect();
+            if !a.variants.contains(v) {
+                let names: Vec<&str> = a.variants.iter().map(String::as_str).collect();
                 return Some(format!(
                     "reports variant {v:?} of {:?}, which is not among its candidates [{}]; ignored",
                     reported.name,
@@ -140,7 +140,6 @@ pub fn inconsistent_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bpfpoly_crds::program::Variant;
 
     fn entry(manager: &str, fields: serde_json::Value) -> ManagedFieldsEntry {
         ManagedFieldsEntry {
@@ -239,23 +238,12 @@ mod tests {
         assert_eq!(spec_only.managed_fields, None);
     }
 
-    fn assignment(generation: i64, variants: &[&str]) -> ProgramAssignment {
-        ProgramAssignment {
+    fn assignment(generation: i64, variants: &[&str]) -> AssignedProgram {
+        AssignedProgram {
             name: "p".into(),
             generation,
-            candidates: variants
-                .iter()
-                .map(|v| {
-                    serde_json::from_value::<Variant>(serde_json::json!({
-                        "name": v, "bytecode": {"builtin": "packet-classifier-xdp"},
-                        "programs": [{"name": "classify"}]
-                    }))
-                    .unwrap()
-                })
-                .collect(),
-            config: vec![],
-            dispatch: None,
-            fallback: Default::default(),
+            variants: variants.iter().map(ToString::to_string).collect(),
+            config_fallbacks: vec![],
         }
     }
 

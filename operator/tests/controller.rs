@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use bpfpoly_crds::state::AssignedProgram;
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
@@ -98,22 +99,35 @@ async fn nodes_of_one_btf_build_are_asked_once_and_share_answers() {
             .iter()
             .find(|a| a.name == "shared-tracer")
             .expect("shared-tracer assigned");
-        let names: Vec<&str> = a.candidates.iter().map(|v| v.name.as_str()).collect();
-        assert_eq!(names, ["kprobe", "tp-btf", "tracepoint"]);
-        let loginuid = a
-            .config
-            .iter()
-            .find(|cfg| cfg.name == "read_loginuid")
-            .unwrap();
-        assert_eq!(loginuid.fell_back, i % 3 == 2, "{n}: {loginuid:?}");
-        if loginuid.fell_back {
-            assert_eq!(
-                loginuid.reason.as_deref(),
-                Some("field struct task_struct.loginuid missing on this kernel")
-            );
-        }
+        check_compact_entry(a, n, i % 3 == 2);
     }
     cleanup(&c, test, &nodes, &["shared-tracer"]).await;
+}
+
+/// Only what differs per node: the variant names in order and the globals that fell back
+/// (on the third build, without loginuid), with why; the agent reads the rest from the
+/// program at this generation.
+fn check_compact_entry(a: &AssignedProgram, n: &str, without_loginuid: bool) {
+    assert_eq!(a.variants, ["kprobe", "tp-btf", "tracepoint"]);
+    let fell: Vec<(&str, &str)> = a
+        .config_fallbacks
+        .iter()
+        .map(|f| (f.name.as_str(), f.reason.as_str()))
+        .collect();
+    if without_loginuid {
+        assert_eq!(
+            fell,
+            [(
+                "read_loginuid",
+                "field struct task_struct.loginuid missing on this kernel"
+            )],
+            "{n}"
+        );
+    } else {
+        assert_eq!(fell, [], "{n}");
+    }
+    let entry = serde_json::to_string(a).unwrap();
+    assert!(!entry.contains("bytecode"), "{n}: {entry}");
 }
 
 #[tokio::test]
@@ -184,41 +198,60 @@ async fn rollout_waves_canary_then_batches_then_pause_and_resume() {
     )
     .await
     .unwrap();
+    canary_then_first_batch(&c, &nodes).await;
+    degraded_batch_pauses(&c, &bpp, &nodes).await;
+    spec_change_resumes(&c, &bpp).await;
+    cleanup(&c, test, &nodes, &["waves-tracer"]).await;
+}
 
-    let count = |c: Client, nodes: Vec<String>, gen: i64| async move {
-        let mut n = 0;
-        for node in &nodes {
-            if assigned(&c, node, "waves-tracer").await == Some(gen) {
-                n += 1;
-            }
+/// How many of `nodes` carry generation `generation` of waves-tracer.
+async fn carrying(c: &Client, nodes: &[String], generation: i64) -> usize {
+    let mut n = 0;
+    for node in nodes {
+        if assigned(c, node, "waves-tracer").await == Some(generation) {
+            n += 1;
         }
-        n
-    };
-    wait_for("canary assigned", 20, || async {
-        (count(c.clone(), nodes.clone(), 1).await == 1).then_some(())
+    }
+    n
+}
+
+/// Waits until `want` of `nodes` carry generation 1, and checks that no more follow.
+async fn wave_reaches(c: &Client, nodes: &[String], what: &str, want: usize, why: &str) {
+    wait_for(what, 20, || async {
+        (carrying(c, nodes, 1).await == want).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        count(c.clone(), nodes.clone(), 1).await,
+    assert_eq!(carrying(c, nodes, 1).await, want, "{why}");
+}
+
+/// The canary alone first; after it reports Loaded, a batch of maxUnavailable (2).
+async fn canary_then_first_batch(c: &Client, nodes: &[String]) {
+    wave_reaches(
+        c,
+        nodes,
+        "canary assigned",
         1,
-        "only the canary before it reports"
-    );
-    assert_eq!(assigned(&c, "sim-waves-0", "waves-tracer").await, Some(1));
-    sim_report(&c, "sim-waves-0", "waves-tracer", 1, "Loaded").await;
-    wait_for("first batch of 2", 20, || async {
-        (count(c.clone(), nodes.clone(), 1).await == 3).then_some(())
-    })
+        "only the canary before it reports",
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        count(c.clone(), nodes.clone(), 1).await,
+    assert_eq!(assigned(c, "sim-waves-0", "waves-tracer").await, Some(1));
+    sim_report(c, "sim-waves-0", "waves-tracer", 1, "Loaded").await;
+    wave_reaches(
+        c,
+        nodes,
+        "first batch of 2",
         3,
-        "at most maxUnavailable in flight"
-    );
-    // The batch degrades: 2 of 3 updated nodes degraded > 0.5 -> pause.
-    sim_report(&c, "sim-waves-1", "waves-tracer", 1, "Degraded").await;
-    sim_report(&c, "sim-waves-2", "waves-tracer", 1, "Degraded").await;
+        "at most maxUnavailable in flight",
+    )
+    .await;
+}
+
+/// The batch degrades: 2 of 3 updated nodes degraded > 0.5 -> pause, told in the status
+/// and the metrics, and no further node is updated.
+async fn degraded_batch_pauses(c: &Client, bpp: &Api<BpfPolyProgram>, nodes: &[String]) {
+    sim_report(c, "sim-waves-1", "waves-tracer", 1, "Degraded").await;
+    sim_report(c, "sim-waves-2", "waves-tracer", 1, "Degraded").await;
     let st = wait_for("paused", 20, || async {
         bpp.get("waves-tracer")
             .await
@@ -234,7 +267,7 @@ async fn rollout_waves_canary_then_batches_then_pause_and_resume() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        count(c.clone(), nodes.clone(), 1).await,
+        carrying(c, nodes, 1).await,
         3,
         "a paused rollout updates no further node"
     );
@@ -243,8 +276,10 @@ async fn rollout_waves_canary_then_batches_then_pause_and_resume() {
         metrics.contains("bpfpoly_rollout_paused{program=\"waves-tracer\"} 1"),
         "{metrics}"
     );
+}
 
-    // A spec change resumes: a new generation starts with the canary again.
+/// A spec change resumes: a new generation starts with the canary again.
+async fn spec_change_resumes(c: &Client, bpp: &Api<BpfPolyProgram>) {
     bpp.patch(
         "waves-tracer",
         &PatchParams::default(),
@@ -253,20 +288,19 @@ async fn rollout_waves_canary_then_batches_then_pause_and_resume() {
     .await
     .unwrap();
     wait_for("generation 2 on the canary", 20, || async {
-        (assigned(&c, "sim-waves-0", "waves-tracer").await == Some(2)).then_some(())
+        (assigned(c, "sim-waves-0", "waves-tracer").await == Some(2)).then_some(())
     })
     .await;
     assert_eq!(
-        assigned(&c, "sim-waves-4", "waves-tracer").await,
+        assigned(c, "sim-waves-4", "waves-tracer").await,
         None,
         "not-yet-reached nodes keep what they had (nothing)"
     );
     assert_eq!(
-        assigned(&c, "sim-waves-1", "waves-tracer").await,
+        assigned(c, "sim-waves-1", "waves-tracer").await,
         Some(1),
         "reached nodes keep the old generation until their wave"
     );
-    cleanup(&c, test, &nodes, &["waves-tracer"]).await;
 }
 
 #[tokio::test]

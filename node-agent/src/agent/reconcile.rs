@@ -10,26 +10,34 @@ use bpfpoly_crds::program::Bytecode;
 use bpfpoly_crds::state::{Phase, ProgramAssignment, ProgramStatus};
 use bpfpoly_crds::BpfNodeState;
 
+use super::resolve::Entry;
 use super::Agent;
 use crate::retry::Attempt;
 
 impl Agent {
     /// Applies the node's assignments and reports status.
     pub(super) async fn reconcile(&mut self, state: &BpfNodeState) {
-        let desired: Vec<ProgramAssignment> = state
-            .spec
-            .programs
-            .iter()
-            .map(|a| self.aliased(a))
-            .collect();
-        self.note_config_fallbacks(&desired);
+        let mut desired: Vec<ProgramAssignment> = Vec::new();
         let mut statuses: Vec<ProgramStatus> = Vec::new();
+        for entry in self.resolved.pass(&state.spec.programs, &self.programs) {
+            match entry {
+                Entry::Ready(a) => desired.push(self.aliased(&a)),
+                Entry::Waiting(status) => statuses.push(self.still_running(status)),
+            }
+        }
+        self.note_config_fallbacks(&desired);
         for a in &desired {
             if let Some(status) = self.apply_one(a).await {
                 statuses.push(status);
             }
         }
-        let wanted: BTreeSet<&str> = desired.iter().map(|a| a.name.as_str()).collect();
+        // A program that waits for its definition is still wanted: what runs stays.
+        let wanted: BTreeSet<&str> = state
+            .spec
+            .programs
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect();
         self.backoff.retain(|name| wanted.contains(name));
         self.unload_unassigned(&wanted);
         // Report Unloaded until the operator stops asking; then forget.
@@ -39,6 +47,24 @@ impl Agent {
         self.report(statuses).await;
         // Keep reporting Unloaded entries only for one round.
         self.unloaded.clear();
+    }
+
+    /// The status of a program waiting for its definition, saying what keeps running.
+    fn still_running(&self, mut status: ProgramStatus) -> ProgramStatus {
+        let running = self
+            .loader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .running()
+            .any(|(name, _)| name == status.name);
+        if running {
+            status
+                .message
+                .push_str("; the version loaded before keeps running");
+        }
+        tracing::info!(program = %status.name, generation = status.observed_generation,
+            why = %status.message, "waiting for the program's definition");
+        status
     }
 
     /// The config fields that fell back, per program, for `bpfpoly_config_fallbacks`.
