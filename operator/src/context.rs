@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bpfpoly_crds::state::ProgramAssignment;
+use bpfpoly_crds::state::AssignedProgram;
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::Recorder;
@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 pub struct ProgramTargets {
     /// Nodes that carry the current generation, with their assignment (shared by every
     /// node with the same facts).
-    pub assignments: HashMap<String, Arc<ProgramAssignment>>,
+    pub assignments: HashMap<String, Arc<AssignedProgram>>,
     /// Eligible nodes the rollout has not reached: they keep what they run.
     pub keep: HashSet<String>,
     /// BTF queries the program needs.
@@ -56,6 +56,8 @@ pub struct Context {
     pub unload_timeout: Duration,
     /// Which agents are alive (their liveness Leases).
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// The writer's own recent writes (a cache that lags one is not written again).
+    pub written: crate::written::Written,
 }
 
 /// Nodes waiting to be written, and a wake-up for the writer.

@@ -18,6 +18,7 @@ pub mod status;
 pub mod trust;
 pub mod unload;
 pub mod writer;
+pub mod written;
 
 /// Field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "bpfpoly-operator";

@@ -5,15 +5,17 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bpfpoly_crds::state::ProgramAssignment;
+use bpfpoly_crds::state::AssignedProgram;
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
 use tokio::sync::Notify;
 
 use crate::context::Context;
+use crate::written;
 use crate::FIELD_MANAGER;
 
 /// Nodes written concurrently.
@@ -132,13 +134,13 @@ async fn settle(ctx: &Context) {
 fn desired_programs(
     ctx: &Context,
     node: &str,
-    current: &[Arc<ProgramAssignment>],
-) -> Vec<Arc<ProgramAssignment>> {
+    current: &[Arc<AssignedProgram>],
+) -> Vec<Arc<AssignedProgram>> {
     let targets = ctx
         .targets
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut out: Vec<Arc<ProgramAssignment>> = Vec::new();
+    let mut out: Vec<Arc<AssignedProgram>> = Vec::new();
     for (program, t) in targets.iter() {
         if let Some(a) = t.assignments.get(node) {
             out.push(a.clone());
@@ -177,15 +179,22 @@ fn desired_queries(ctx: &Context, node: &str) -> Vec<String> {
 }
 
 /// The operator's server-side apply of `spec` to the node's `K` (named as the node); one
-/// node write in the metrics.
+/// node write in the metrics. Not written (false) when this writer has just written the same
+/// spec and the cached object (`cached`) only lags that write.
 async fn apply_spec<K>(
     ctx: &Context,
     node: &str,
     spec: serde_json::Value,
-) -> Result<(), kube::Error>
+    cached: Option<&ObjectMeta>,
+) -> Result<bool, kube::Error>
 where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
+    let kind = K::kind(&());
+    let digest = written::digest(&spec);
+    if ctx.written.lagging(&kind, node, digest, cached) {
+        return Ok(false);
+    }
     let api: Api<K> = Api::all(ctx.client.clone());
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
@@ -194,9 +203,10 @@ where
         "spec": spec,
     });
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(node, &pp, &Patch::Apply(&patch)).await?;
+    let done = api.patch(node, &pp, &Patch::Apply(&patch)).await?;
     ctx.metrics.node_writes.inc();
-    Ok(())
+    ctx.written.note(&kind, node, digest, done.meta());
+    Ok(true)
 }
 
 async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
@@ -211,8 +221,10 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
     let want = desired_programs(ctx, node, &current);
     if want != current || (state.is_none() && !want.is_empty()) {
         let spec = serde_json::json!({"programs": want});
-        apply_spec::<BpfNodeState>(ctx, node, spec).await?;
-        tracing::debug!(%node, programs = want.len(), "wrote node state");
+        let meta = state.as_ref().map(|s| &s.metadata);
+        if apply_spec::<BpfNodeState>(ctx, node, spec, meta).await? {
+            tracing::debug!(%node, programs = want.len(), "wrote node state");
+        }
     }
     let profile = ctx.profiles.get(&ObjectRef::new(node));
     let have = profile
@@ -222,8 +234,10 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
     let queries = desired_queries(ctx, node);
     if queries != have {
         let spec = serde_json::json!({"queries": queries});
-        apply_spec::<BpfNodeProfile>(ctx, node, spec).await?;
-        tracing::debug!(%node, queries = queries.len(), "wrote node queries");
+        let meta = profile.as_ref().map(|p| &p.metadata);
+        if apply_spec::<BpfNodeProfile>(ctx, node, spec, meta).await? {
+            tracing::debug!(%node, queries = queries.len(), "wrote node queries");
+        }
     }
     Ok(())
 }
