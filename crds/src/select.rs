@@ -67,7 +67,7 @@ impl NodeFacts {
 }
 
 /// One requirement checked against a node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Check {
     /// The requirement, e.g. `field struct task_struct.loginuid`.
     pub requirement: String,

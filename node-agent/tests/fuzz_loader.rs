@@ -20,8 +20,8 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use bpfpoly_agent::fetch::sha256_hex;
-use bpfpoly_agent::loader::{Loader, LoaderConfig, Outcome};
-use bpfpoly_crds::state::Phase;
+use bpfpoly_agent::loader::{Applied, Loader, LoaderConfig, Outcome};
+use bpfpoly_crds::state::{Phase, ProgramStatus};
 use loader_support::{
     assignment, classifier_config, classifier_dispatch, classifier_variant, eventually,
     prog_exists, xdp_prog_ids, Root, Veth,
@@ -77,6 +77,18 @@ fn mapped(id: u64) -> bool {
     prog_exists(u32::try_from(id).unwrap_or(u32::MAX))
 }
 
+/// What the run saw.
+#[derive(Default)]
+struct Tally {
+    executions: u64,
+    loaded: u64,
+    findings: Vec<String>,
+    outcomes: BTreeSet<String>,
+    ids_seen: BTreeSet<u32>,
+}
+
+const NAME: &str = "rel-fuzz-loader";
+
 #[test]
 fn fuzz_loader_apply_on_the_kernel() {
     require_privileges!();
@@ -92,12 +104,9 @@ fn fuzz_loader_apply_on_the_kernel() {
     loader.set_prewarm(false);
     let original = bpfpoly_agent::builtin::builtin("packet-classifier-xdp").unwrap();
     let ranges = targets(original);
-    let name = "rel-fuzz-loader";
     let started = Instant::now();
     let deadline = started + budget();
-    let (mut executions, mut loaded, mut findings) = (0u64, 0u64, Vec::new());
-    let mut outcomes = BTreeSet::new();
-    let mut ids_seen: BTreeSet<u32> = BTreeSet::new();
+    let mut tally = Tally::default();
     let mut generation = 0i64;
     while Instant::now() < deadline {
         generation += 1;
@@ -105,23 +114,73 @@ fn fuzz_loader_apply_on_the_kernel() {
         if generation % 8 != 1 {
             mutate(&mut rng, &mut bytes, &ranges);
         }
-        let mut variant = classifier_variant("xdp", "packet-classifier-xdp", &veth.a, None);
-        // A digest of its own for every input, so each apply loads.
-        variant["bytecode"] =
-            json!({"builtin": "packet-classifier-xdp", "sha256": sha256_hex(&bytes)});
-        let a = assignment(
-            name,
-            generation,
-            vec![variant],
-            classifier_config(generation % 2 == 0),
-            Some(classifier_dispatch("tailCall")),
-        );
+        let a = assignment_of(&bytes, generation, &veth);
         let input = bytes.clone();
         let fetch = move |_: &bpfpoly_crds::program::Bytecode| Ok(input.clone());
         let applied = loader.apply(&a, &fetch);
-        executions += 1;
+        tally.count(&applied, generation, seed, &bytes);
+        check_one_version(&root, &veth, generation, &applied.status);
+    }
+    loader.remove(NAME).unwrap();
+    eventually("every program of the run is gone", || {
+        tally.ids_seen.iter().all(|&id| !mapped(u64::from(id)))
+    });
+    assert!(xdp_prog_ids(&veth.a).is_empty());
+    assert!(!root.0.join(NAME).exists());
+    tally.report(started.elapsed().as_secs_f64(), seed);
+    assert!(
+        tally.findings.is_empty(),
+        "aya panicked on hostile input (caught by the loader):\n{}",
+        tally.findings.join("\n")
+    );
+}
+
+/// The classifier with `bytes` as its object, at `generation`: a digest of its own for
+/// every input, so each apply loads.
+fn assignment_of(
+    bytes: &[u8],
+    generation: i64,
+    veth: &Veth,
+) -> bpfpoly_crds::state::ProgramAssignment {
+    let mut variant = classifier_variant("xdp", "packet-classifier-xdp", &veth.a, None);
+    variant["bytecode"] = json!({"builtin": "packet-classifier-xdp", "sha256": sha256_hex(bytes)});
+    assignment(
+        NAME,
+        generation,
+        vec![variant],
+        classifier_config(generation % 2 == 0),
+        Some(classifier_dispatch("tailCall")),
+    )
+}
+
+/// Never two XDP programs on the interface; exactly the running version pinned.
+fn check_one_version(root: &Root, veth: &Veth, generation: i64, s: &ProgramStatus) {
+    let attached = xdp_prog_ids(&veth.a);
+    assert!(attached.len() <= 1, "generation {generation}: {attached:?}");
+    let running = matches!(s.phase, Phase::Loaded | Phase::Degraded);
+    assert_eq!(
+        attached.len(),
+        usize::from(running),
+        "generation {generation}: {}",
+        s.message
+    );
+    let versions = std::fs::read_dir(root.0.join(NAME))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        versions,
+        usize::from(running),
+        "generation {generation}: pinned versions"
+    );
+}
+
+impl Tally {
+    /// One apply counted; a panic the loader caught is kept as a finding, with its input
+    /// saved under target/fuzz-crashes.
+    fn count(&mut self, applied: &Applied, generation: i64, seed: u64, bytes: &[u8]) {
+        self.executions += 1;
         let s = &applied.status;
-        ids_seen.extend(s.program_ids.iter().copied());
+        self.ids_seen.extend(s.program_ids.iter().copied());
         let text = format!(
             "{} {}",
             s.message,
@@ -137,59 +196,42 @@ fn fuzz_loader_apply_on_the_kernel() {
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-crashes");
             let _ = std::fs::create_dir_all(&dir);
             let file = dir.join(format!("loader-{generation}-{seed}.o"));
-            let _ = std::fs::write(&file, &bytes);
-            findings.push(format!("{}: {}", file.display(), s.message));
+            let _ = std::fs::write(&file, bytes);
+            self.findings
+                .push(format!("{}: {}", file.display(), s.message));
         }
         if matches!(applied.outcome, Outcome::Loaded | Outcome::Updated) {
-            loaded += 1;
+            self.loaded += 1;
         }
-        outcomes.insert(format!("{:?}/{:?}", applied.outcome, s.phase));
-        // Never two XDP programs on the interface; exactly the running version pinned.
-        let attached = xdp_prog_ids(&veth.a);
-        assert!(attached.len() <= 1, "generation {generation}: {attached:?}");
-        let running = matches!(s.phase, Phase::Loaded | Phase::Degraded);
-        assert_eq!(
-            attached.len(),
-            usize::from(running),
-            "generation {generation}: {}",
-            s.message
-        );
-        let versions = std::fs::read_dir(root.0.join(name))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        assert_eq!(
-            versions,
-            usize::from(running),
-            "generation {generation}: pinned versions"
-        );
+        self.outcomes
+            .insert(format!("{:?}/{:?}", applied.outcome, s.phase));
     }
-    loader.remove(name).unwrap();
-    eventually("every program of the run is gone", || {
-        ids_seen.iter().all(|&id| !mapped(u64::from(id)))
-    });
-    assert!(xdp_prog_ids(&veth.a).is_empty());
-    assert!(!root.0.join(name).exists());
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "fuzz Loader::apply (mutated objects, kernel): {executions} executions in {secs:.1} s ({:.0}/s), {loaded} loaded, {} distinct outcomes {outcomes:?}, {} panics caught by the loader, seed {seed}",
-        executions as f64 / secs,
-        outcomes.len(),
-        findings.len()
-    );
-    if let Ok(path) = std::env::var("BPFPOLY_FUZZ_REPORT") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            // One write per line: targets run on parallel threads and append to one file.
-            let _ = f.write_all(format!("{}\n", json!({"crate": "bpfpoly-agent", "target": "Loader::apply (kernel)", "executions": executions,
-                    "distinct": outcomes.len(), "panics": findings.len(), "seconds": secs, "seed": seed})).as_bytes());
+
+    /// The summary line, and one JSON line in `BPFPOLY_FUZZ_REPORT` when set.
+    fn report(&self, secs: f64, seed: u64) {
+        let Tally {
+            executions,
+            loaded,
+            findings,
+            outcomes,
+            ..
+        } = self;
+        println!(
+            "fuzz Loader::apply (mutated objects, kernel): {executions} executions in {secs:.1} s ({:.0}/s), {loaded} loaded, {} distinct outcomes {outcomes:?}, {} panics caught by the loader, seed {seed}",
+            *executions as f64 / secs,
+            outcomes.len(),
+            findings.len()
+        );
+        if let Ok(path) = std::env::var("BPFPOLY_FUZZ_REPORT") {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                // One write per line: targets run on parallel threads and append to one file.
+                let _ = f.write_all(format!("{}\n", json!({"crate": "bpfpoly-agent", "target": "Loader::apply (kernel)", "executions": executions,
+                        "distinct": outcomes.len(), "panics": findings.len(), "seconds": secs, "seed": seed})).as_bytes());
+            }
         }
     }
-    assert!(
-        findings.is_empty(),
-        "aya panicked on hostile input (caught by the loader):\n{}",
-        findings.join("\n")
-    );
 }

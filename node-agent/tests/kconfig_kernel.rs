@@ -98,6 +98,23 @@ impl Drop for RootDir {
     }
 }
 
+/// The eleven values the program wrote into its map `seen` (pinned at `pin`). Any system
+/// call runs the program; this makes a few until it has.
+fn values_seen(pin: &Path) -> Vec<u64> {
+    let mut values = vec![0u64; 11];
+    for _ in 0..50 {
+        let _ = fs::metadata("/");
+        let map = MapData::from_pin(pin).unwrap();
+        let array: Array<_, u64> = Array::try_from(Map::Array(map)).unwrap();
+        values = (0..11).map(|k| array.get(&k, 0).unwrap()).collect();
+        if values[0] != 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    values
+}
+
 #[test]
 fn kconfig_values_the_program_sees_are_the_kernels() {
     require_privileges!();
@@ -122,20 +139,7 @@ fn kconfig_values_the_program_sees_are_the_kernels() {
         applied.status.message
     );
     let (_, running) = loader.running().find(|(n, _)| *n == name).unwrap();
-    let pin = running.map_pin("seen");
-
-    // Any system call runs the program; make a few.
-    let mut values = vec![0u64; 11];
-    for _ in 0..50 {
-        let _ = fs::metadata("/");
-        let map = MapData::from_pin(&pin).unwrap();
-        let array: Array<_, u64> = Array::try_from(Map::Array(map)).unwrap();
-        values = (0..11).map(|k| array.get(&k, 0).unwrap()).collect();
-        if values[0] != 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let values = values_seen(&running.map_pin("seen"));
 
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let nums: Vec<u64> = release

@@ -11,7 +11,8 @@ mod loader_support;
 
 use std::{path::Path, time::Duration};
 
-use bpfpoly_agent::loader::{assignment_digest, Outcome, DEFAULT_SLOT};
+use bpfpoly_agent::loader::{assignment_digest, Loader, Outcome, RunningInfo, DEFAULT_SLOT};
+use bpfpoly_crds::state::ProgramAssignment;
 use bpfpoly_crds::state::{FallbackStage, Phase};
 use loader_support::{
     assignment, classifier_config, classifier_dispatch, classifier_variant, fetch_builtin, frames,
@@ -40,8 +41,24 @@ fn classifier_with_tail_calls_runs_on_a_veth_and_counts_real_frames() {
         Some(classifier_dispatch("auto")),
     );
     let applied = loader.apply(&a, &fetch_builtin);
-    let s = &applied.status;
-    assert_eq!(applied.outcome, Outcome::Loaded, "{s:?}");
+    assert_eq!(applied.outcome, Outcome::Loaded, "{:?}", applied.status);
+    check_loaded_with_every_handler(&applied.status);
+    let info = check_pins_and_link(&loader, &root, &name, &a, &veth);
+    count_real_frames(&loader, &name, &veth);
+    count_test_runs(&loader, &name, &info);
+
+    // Applying the same assignment again (a new generation, same content) loads nothing.
+    let mut again = a.clone();
+    again.generation = 2;
+    let reapplied = loader.apply(&again, &fetch_builtin);
+    assert_eq!(reapplied.outcome, Outcome::Unchanged);
+    assert_eq!(reapplied.status.observed_generation, 2);
+    assert_eq!(reapplied.status.program_ids, applied.status.program_ids);
+}
+
+/// Loaded as the first variant with tail calls, every handler in its slot, four programs
+/// the kernel shows.
+fn check_loaded_with_every_handler(s: &bpfpoly_crds::state::ProgramStatus) {
     assert_eq!(s.phase, Phase::Loaded, "{}", s.message);
     assert_eq!(s.variant.as_deref(), Some("xdp-tailcall"));
     assert_eq!(s.mechanism.as_deref(), Some("tailCall"));
@@ -65,15 +82,25 @@ fn classifier_with_tail_calls_runs_on_a_veth_and_counts_real_frames() {
     for &id in &s.program_ids {
         assert!(prog_exists(id), "bpftool prog show id {id}");
     }
+}
 
+/// The pins under `<root>/<program>/<digest>/` and the XDP link on the veth; the running
+/// program's record.
+fn check_pins_and_link(
+    loader: &Loader,
+    root: &Root,
+    name: &str,
+    a: &ProgramAssignment,
+    veth: &Veth,
+) -> RunningInfo {
     let info = loader
         .running()
         .find(|(n, _)| *n == name)
         .unwrap()
         .1
         .clone();
-    assert_eq!(info.digest, assignment_digest(&a));
-    let dir = root.0.join(&name).join(&info.digest);
+    assert_eq!(info.digest, assignment_digest(a));
+    let dir = root.0.join(name).join(&info.digest);
     assert_eq!(info.pin_dir, dir);
     for pin in [
         "meta",
@@ -95,22 +122,31 @@ fn classifier_with_tail_calls_runs_on_a_veth_and_counts_real_frames() {
         [u64::from(info.programs["classify"])]
     );
 
-    // Real frames: UDP datagrams sent out of the peer reach the XDP hook.
+    info
+}
+
+/// Real frames: UDP datagrams sent out of the peer reach the XDP hook, and the kernel's run
+/// statistics count the entry (not the handlers reached by tail call).
+fn count_real_frames(loader: &Loader, name: &str, veth: &Veth) {
     let stats_on = aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap();
-    let before = count(&loader, &name, 17);
+    let before = count(loader, name, 17);
     veth.send_udp(5);
     assert_eq!(
-        wait_count(&loader, &name, 17, before + 5),
+        wait_count(loader, name, 17, before + 5),
         before + 5,
         "UDP frames on key 17"
     );
-    let stats = loader.run_stats(&name).unwrap();
+    let stats = loader.run_stats(name).unwrap();
     assert!(stats["classify"].run_count >= 5, "{stats:?}");
     // The kernel does not account runs reached by tail call.
     assert_eq!(stats["handle_udp"].run_count, 0, "{stats:?}");
     drop(stats_on);
-    // BPF_PROG_TEST_RUN on the pinned entry: exact counts per key.
-    let tcp_before = count(&loader, &name, 6);
+}
+
+/// BPF_PROG_TEST_RUN on the pinned entry: exact counts per key, and the default slot for
+/// what is not IPv4.
+fn count_test_runs(loader: &Loader, name: &str, info: &RunningInfo) {
+    let tcp_before = count(loader, name, 6);
     for _ in 0..3 {
         assert_eq!(
             test_run(
@@ -120,21 +156,13 @@ fn classifier_with_tail_calls_runs_on_a_veth_and_counts_real_frames() {
             XDP_PASS
         );
     }
-    assert_eq!(count(&loader, &name, 6), tcp_before + 3);
-    let default_before = count(&loader, &name, DEFAULT_SLOT);
+    assert_eq!(count(loader, name, 6), tcp_before + 3);
+    let default_before = count(loader, name, DEFAULT_SLOT);
     assert_eq!(
         test_run(&info.program_pin("classify"), &[0u8; 20]),
         XDP_PASS
     );
-    assert!(count(&loader, &name, DEFAULT_SLOT) > default_before);
-
-    // Applying the same assignment again (a new generation, same content) loads nothing.
-    let mut again = a.clone();
-    again.generation = 2;
-    let applied = loader.apply(&again, &fetch_builtin);
-    assert_eq!(applied.outcome, Outcome::Unchanged);
-    assert_eq!(applied.status.observed_generation, 2);
-    assert_eq!(applied.status.program_ids, s.program_ids);
+    assert!(count(loader, name, DEFAULT_SLOT) > default_before);
 }
 
 #[test]

@@ -15,7 +15,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use bpfpoly_crds::requirement::{parse_helper, parse_map_type, parse_program_type, Query};
-use bpfpoly_crds::select::{decide, program_queries, Decision, FeatureSource, NodeFacts, Outcome};
+use bpfpoly_crds::select::{
+    decide, program_queries, Check, Decision, FeatureSource, NodeFacts, Outcome,
+};
 use bpfpoly_crds::{BpfNodeProfileStatus, BpfPolyProgram};
 use serde::{Deserialize, Serialize};
 
@@ -141,18 +143,15 @@ fn facts_from_btf_enums(status: &BpfNodeProfileStatus, programs: &[BpfPolyProgra
     let mut facts = NodeFacts::from_status(status);
     let f = features(programs);
     let known = |q: Query| status.answers.get(&q.to_string()).copied() == Some(true);
-    facts.program_types = f
-        .program_types
-        .iter()
-        .filter(|t| known(feature_query("prog", t)))
-        .map(|t| t.to_string())
-        .collect();
-    facts.map_types = f
-        .map_types
-        .iter()
-        .filter(|t| known(feature_query("map", t)))
-        .map(|t| t.to_string())
-        .collect();
+    let known_of = |kind: &str, types: &BTreeSet<&'static str>| -> BTreeSet<String> {
+        types
+            .iter()
+            .filter(|t| known(feature_query(kind, t)))
+            .map(|t| t.to_string())
+            .collect()
+    };
+    facts.program_types = known_of("prog", &f.program_types);
+    facts.map_types = known_of("map", &f.map_types);
     facts.observed_program_types.clear();
     facts.answers.retain(|k, _| !k.starts_with("helper:"));
     for q in programs.iter().flat_map(|p| program_queries(&p.spec)) {
@@ -381,44 +380,22 @@ pub struct ProgramReport {
     pub pending: Vec<String>,
 }
 
-/// A checked requirement.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CheckReport {
-    /// The requirement.
-    pub requirement: String,
-    /// Whether it holds.
-    pub holds: bool,
-    /// The kernel's fact.
-    pub fact: String,
-}
-
 /// An eligible variant.
 #[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct VariantTrace {
     /// Variant name.
     pub variant: String,
     /// Every requirement, each holding.
-    pub trace: Vec<CheckReport>,
+    pub trace: Vec<Check>,
 }
 
 /// A rejected variant.
 #[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Rejection {
     /// Variant name.
     pub variant: String,
     /// The first requirement that failed.
-    pub failed: CheckReport,
-}
-
-fn check(c: &bpfpoly_crds::select::Check) -> CheckReport {
-    CheckReport {
-        requirement: c.requirement.clone(),
-        holds: c.holds,
-        fact: c.fact.clone(),
-    }
+    pub failed: Check,
 }
 
 fn program_report(p: &BpfPolyProgram, d: &Decision) -> ProgramReport {
@@ -438,7 +415,7 @@ fn program_report(p: &BpfPolyProgram, d: &Decision) -> ProgramReport {
             .iter()
             .map(|e| VariantTrace {
                 variant: e.name.clone(),
-                trace: e.trace.iter().map(check).collect(),
+                trace: e.trace.clone(),
             })
             .collect(),
         rejected: d
@@ -446,7 +423,7 @@ fn program_report(p: &BpfPolyProgram, d: &Decision) -> ProgramReport {
             .iter()
             .map(|r| Rejection {
                 variant: r.name.clone(),
-                failed: check(&r.failed),
+                failed: r.failed.clone(),
             })
             .collect(),
         config: d.config.clone(),

@@ -272,16 +272,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     };
     let caches = Caches::start(&client, &triggers);
     drop(triggers);
-    let liveness = Arc::new(crate::liveness::Liveness::new(
-        opts.node_lost_after,
-        &opts.node_lease_namespace,
-    ));
-    tokio::spawn(watch_leases(
-        Api::namespaced(client.clone(), &opts.node_lease_namespace),
-        liveness.clone(),
-        tx.clone(),
-    ));
-    tokio::spawn(notice_losses(liveness.clone(), caches.states.clone(), tx));
+    let liveness = follow_liveness(&opts, &client, &caches, tx);
 
     let programs_api = Api::<BpfPolyProgram>::all(client.clone());
     let controller = Controller::new(programs_api, watcher::Config::default())
@@ -311,6 +302,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         announced: Default::default(),
         unload_timeout: opts.unload_timeout,
         liveness,
+        written: Default::default(),
     });
 
     let stopped_early = tokio::select! {
@@ -343,6 +335,27 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
 }
 
 /// `/metrics`, `/healthz` and `/readyz` on `opts.metrics_addr`.
+/// The agents' liveness, from their Leases, on tasks of its own: a change (or a node
+/// found lost) triggers a reconcile of every program through `tx`.
+fn follow_liveness(
+    opts: &Options,
+    client: &Client,
+    caches: &Caches,
+    tx: futures::channel::mpsc::UnboundedSender<()>,
+) -> Arc<crate::liveness::Liveness> {
+    let liveness = Arc::new(crate::liveness::Liveness::new(
+        opts.node_lost_after,
+        &opts.node_lease_namespace,
+    ));
+    tokio::spawn(watch_leases(
+        Api::namespaced(client.clone(), &opts.node_lease_namespace),
+        liveness.clone(),
+        tx.clone(),
+    ));
+    tokio::spawn(notice_losses(liveness.clone(), caches.states.clone(), tx));
+    liveness
+}
+
 async fn serve(opts: &Options, metrics: &Metrics, ready: &Arc<AtomicBool>) -> Result<(), RunError> {
     let render = metrics.clone();
     bpfpoly_runtime::serve_http(
