@@ -25,6 +25,10 @@ bash "$REPO/e2e/kernels/fetch.sh" $BPFPOLY_KERNELS
 echo "[bpfpoly] kernels: explain offline on each kernel's BTF (BPFPOLY_REQUIRE_KERNELS=1)"
 (cd "$REPO" && BPFPOLY_REQUIRE_KERNELS=1 cargo test -q -p bpfpoly-operator --test explain_offline 2>&1 | tail -n 3) \
   || { echo "[bpfpoly] kernels: explain_offline failed" >&2; exit 1; }
+# The release agent the verifier matrix and the microVMs run (a no-op after `make e2e`).
+echo "[bpfpoly] kernels: cargo build --release (the agent and operator the matrix runs)"
+(cd "$REPO" && cargo build -q --release -p bpfpoly-agent -p bpfpoly-operator) \
+  || { echo "[bpfpoly] kernels: cargo build --release failed" >&2; exit 1; }
 # The verifier matrix: bpfpoly-agent verify against bpftool prog loadall on every kernel and
 # this host, program by program (no cluster; the guests boot without a network).
 # shellcheck disable=SC2086 # a list of kernels
