@@ -231,9 +231,7 @@ async fn clean(client: &Client) {
     let bpp: Api<BpfPolyProgram> = Api::all(client.clone());
     let unfinalize = Patch::Merge(json!({"metadata": {"finalizers": null}}));
     for name in names_with_prefix(&bpp, "scale-").await {
-        let _ = bpp
-            .patch(&name, &PatchParams::default(), &unfinalize)
-            .await;
+        let _ = bpp.patch(&name, &PatchParams::default(), &unfinalize).await;
         let _ = bpp.delete(&name, &DeleteParams::default()).await;
     }
     let states: Api<BpfNodeState> = Api::all(client.clone());
@@ -247,15 +245,19 @@ async fn clean(client: &Client) {
 // The floor: a minimal client writing one node object per node
 // ---------------------------------------------------------------------------
 
-/// A node-state spec of the shape the operator writes for these programs: every program
-/// with its candidate variants and one config fallback with its reason.
-fn floor_spec(programs_n: usize) -> Value {
+/// A node-state spec of the shape and size the operator writes for these programs on node
+/// `i`: every program with its candidate variants in order and, on the third kernel build
+/// (no `task_struct.loginuid`), the `read_loginuid` fallback with its reason.
+fn floor_spec(programs_n: usize, i: usize) -> Value {
     let programs: Vec<Value> = (0..programs_n)
-        .map(|i| {
-            json!({"name": format!("scale-{i:02}"), "generation": 1,
-                "variants": ["kprobe", "tp-btf", "tracepoint"],
-                "configFallbacks": [{"name": "use_ringbuf",
-                    "reason": "helper bpf_ringbuf_output: not reported by the node's profile"}]})
+        .map(|p| {
+            let mut a = json!({"name": format!("scale-{p:02}"), "generation": 1,
+                "variants": ["kprobe", "tp-btf", "tracepoint"]});
+            if i % 3 == 2 {
+                a["configFallbacks"] = json!([{"name": "read_loginuid",
+                    "reason": "field struct task_struct.loginuid missing on this kernel"}]);
+            }
+            a
         })
         .collect();
     json!({"programs": programs})
@@ -263,7 +265,7 @@ fn floor_spec(programs_n: usize) -> Value {
 
 struct Floor {
     seconds: f64,
-    spec_bytes: usize,
+    spec_bytes_mean: f64,
     api: ApiServerReading,
     cleanup_seconds: f64,
 }
@@ -271,15 +273,19 @@ struct Floor {
 /// Times `nodes_n` server-side applies of a BpfNodeState (`floor-node-*`), WRITER_CONCURRENCY
 /// at once, then deletes them all.
 async fn floor(client: &Client, nodes_n: usize, programs_n: usize) -> Floor {
-    let spec = floor_spec(programs_n);
-    let spec_bytes = serde_json::to_vec(&spec).unwrap().len();
-    eprintln!("[scale] floor: {nodes_n} node states of {spec_bytes} spec bytes, {WRITER_CONCURRENCY} at once");
+    let spec_bytes = |i| {
+        serde_json::to_vec(&floor_spec(programs_n, i))
+            .unwrap()
+            .len()
+    };
+    let spec_bytes_mean = (0..nodes_n).map(spec_bytes).sum::<usize>() as f64 / nodes_n as f64;
+    eprintln!("[scale] floor: {nodes_n} node states of {spec_bytes_mean:.0} spec bytes (mean), {WRITER_CONCURRENCY} at once");
     let states: Api<BpfNodeState> = Api::all(client.clone());
     let before = ApiServerReading::take(client).await;
     let start = Instant::now();
     futures::stream::iter(0..nodes_n)
         .map(|i| {
-            let (states, spec) = (states.clone(), spec.clone());
+            let (states, spec) = (states.clone(), floor_spec(programs_n, i));
             async move {
                 let name = format!("{FLOOR_PREFIX}{i:05}");
                 let obj = json!({"apiVersion": "bpfpoly.io/v1alpha1", "kind": "BpfNodeState",
@@ -302,7 +308,7 @@ async fn floor(client: &Client, nodes_n: usize, programs_n: usize) -> Floor {
     );
     Floor {
         seconds,
-        spec_bytes,
+        spec_bytes_mean,
         api,
         cleanup_seconds: cleanup.elapsed().as_secs_f64(),
     }
@@ -471,6 +477,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn node_state_bytes(client: &Client) -> (f64, usize, f64) {
     let states: Api<BpfNodeState> = Api::all(client.clone());
     let (mut spec, mut max, mut whole, mut n) = (0usize, 0usize, 0usize, 0usize);
+    let mut shapes: BTreeMap<usize, String> = BTreeMap::new();
     let mut lp = ListParams::default().limit(500);
     loop {
         let page = states.list(&lp).await.unwrap();
@@ -480,7 +487,9 @@ async fn node_state_bytes(client: &Client) -> (f64, usize, f64) {
                 .as_deref()
                 .is_some_and(|n| n.starts_with(NODE_PREFIX))
         }) {
-            let b = serde_json::to_vec(&s.spec).unwrap().len();
+            let json = serde_json::to_string(&s.spec).unwrap();
+            let b = json.len();
+            shapes.entry(b).or_insert(json);
             (spec, max, n) = (spec + b, max.max(b), n + 1);
             whole += serde_json::to_vec(s).unwrap().len();
         }
@@ -488,6 +497,13 @@ async fn node_state_bytes(client: &Client) -> (f64, usize, f64) {
             Some(c) => lp = lp.continue_token(&c),
             None => break,
         }
+    }
+    for (b, json) in shapes
+        .iter()
+        .take(1)
+        .chain(shapes.iter().skip(1).next_back())
+    {
+        eprintln!("[scale] a node-state spec of {b} bytes: {json}");
     }
     let n = n.max(1) as f64;
     (spec as f64 / n, max, whole as f64 / n)
@@ -511,7 +527,7 @@ fn report(args: &Args, floor: &Floor, run: &OperatorRun, bytes: (f64, usize, f64
         "apiserver_cpu_seconds": run.api.cpu_seconds,
         "apiserver_cpu_ms_per_node": per_node(run.api.cpu_seconds).map(|s| s * 1e3),
         "floor_seconds": floor.seconds,
-        "floor_spec_bytes": floor.spec_bytes,
+        "floor_spec_bytes_mean": floor.spec_bytes_mean,
         "floor_concurrency": WRITER_CONCURRENCY,
         "floor_node_state_writes": floor.api.node_state_writes,
         "floor_apiserver_cpu_ms_per_node": per_node(floor.api.cpu_seconds).map(|s| s * 1e3),
