@@ -217,8 +217,10 @@ run_scale() {
             [[ -n $op_hwm ]] && echo "$op_hwm" >>"$OUT/scale-$n.hwm"
             [[ -n $op_cpu ]] && echo "$op_cpu" >"$OUT/scale-$n.cpu"
         fi
-        # The operator (scale's child) must stay up until the result is printed.
-        if grep -q 'starting the operator' "$OUT/scale-$n.err" 2>/dev/null && [[ -z $op_pid ]]; then
+        # The operator (scale's child) must stay up until scale stops it (after convergence,
+        # before it measures the node states and prints the result).
+        if grep -q 'starting the operator' "$OUT/scale-$n.err" 2>/dev/null &&
+            ! grep -q 'operator stopped' "$OUT/scale-$n.err" 2>/dev/null && [[ -z $op_pid ]]; then
             gone=$((gone + 1))
             if ((gone >= 3)); then
                 log "  $n nodes: the operator exited early; its log:"

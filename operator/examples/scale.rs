@@ -371,6 +371,8 @@ async fn run_operator(client: &Client, args: &Args) -> OperatorRun {
     let peak_rss_kib = peak.max(peak_rss_kib(pid));
     let _ = child.kill();
     let _ = child.wait();
+    // bench.sh reads this line: from here on the operator is gone on purpose.
+    eprintln!("[scale] operator stopped after {seconds:.1}s; measuring the node states");
     OperatorRun {
         converged,
         seconds,
