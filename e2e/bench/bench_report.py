@@ -141,7 +141,10 @@ def operator_rows(r, base):
             rnd(per * 1e3, 3) if per else None, "ms/node",
             f"{base['nodes']}-node run's time per node", rnd(per0 * 1e3, 3),
             rnd(per / per0, 3) if per else None,
-            "0.80 <= ratio <= 1.20" if n >= 1000 else None, between(0.8, 1.2))
+            "0.80 <= ratio <= 1.20" if n >= 1000 else None, between(0.8, 1.2),
+            **({"note": "below the band: faster than linear (the 500-node run's fixed start-up "
+                        "cost weighs most per node)"}
+               if per and per / per0 < 0.8 else {}))
     rss = r.get("peak_rss_mib") if conv else r.get("peak_rss_mib_so_far")
     add("operator peak RSS" + ("" if conv else " (so far, at the stop)"), rnd(rss, 1), "MiB",
         f"{base['nodes']}-node run's peak RSS" if base else None,
