@@ -2,9 +2,9 @@
 # `make bench`: bpfpoly side by side with its anchors, every anchor measured in the same run.
 #
 #   1. dispatch  BPF_PROG_TEST_RUN, same frames, same handler work: direct (floor), static,
-#                tail call, libxdp's xdp-dispatcher.o, freplace (node-agent/examples/bench_dispatch.rs)
+#                tail call, libxdp's xdp-dispatcher.o, freplace (node-agent/examples/bench_dispatch/)
 #   2. agent     the loader on the real kernel: assignment -> attached, verifier reject ->
-#                fallback, load vs bpftool, start-up profile vs bpftool (examples/bench_agent.rs)
+#                fallback, load vs bpftool, start-up profile vs bpftool (examples/bench_agent/)
 #   3. select    the selection engine with criterion (crds/benches/select.rs)
 #   4. operator  500 .. 10000 SIMULATED nodes x 20 programs on a real kube-apiserver
 #                (operator/examples/scale.rs), on a control plane private to this run, fresh
