@@ -2,25 +2,28 @@
 # `make bench`: bpfpoly side by side with its anchors, every anchor measured in the same run.
 #
 #   1. dispatch  BPF_PROG_TEST_RUN, same frames, same handler work: direct (floor), static,
-#                tail call, libxdp's xdp-dispatcher.o, freplace (node-agent/examples/bench_dispatch.rs)
+#                tail call, libxdp's xdp-dispatcher.o, freplace (node-agent/examples/bench_dispatch/)
 #   2. agent     the loader on the real kernel: assignment -> attached, verifier reject ->
-#                fallback, load vs bpftool, start-up profile vs bpftool (examples/bench_agent.rs)
+#                fallback, load vs bpftool, start-up profile vs bpftool (examples/bench_agent/)
 #   3. select    the selection engine with criterion (crds/benches/select.rs)
-#   4. operator  500 .. 5000 SIMULATED nodes x 20 programs on a real kube-apiserver
-#                (operator/examples/scale.rs), on a control plane private to this run
+#   4. operator  500 .. 10000 SIMULATED nodes x 20 programs on a real kube-apiserver
+#                (operator/examples/scale.rs), on a control plane private to this run, fresh
+#                for every size; each size first times a floor client (one BpfNodeState per
+#                node by server-side apply) on the same API server
 #
 # Writes target/bench/results.json (a list of {name, value, unit, anchor, anchor_value, ratio,
 # target, met}), target/bench/results.md (the same as a Markdown table), one <section>.json
 # each with the raw samples, and target/bench/jited/ (JIT'd and xlated dumps of the dispatch
 # programs). Needs root (it loads eBPF programs and creates a veth pair).
 #
-# Time box: the whole run aims to finish within BPFPOLY_BENCH_DEADLINE seconds (default 1140,
-# i.e. 19 min, builds included); the operator section runs last and gets what is left
-# (at most BPFPOLY_BENCH_OPERATOR_BUDGET, default 720 s). A size that cannot converge in the
+# Time box: the whole run aims to finish within BPFPOLY_BENCH_DEADLINE seconds (default 2100,
+# i.e. 35 min, builds included); the operator section runs last and gets what is left
+# (at most BPFPOLY_BENCH_OPERATOR_BUDGET, default 1500 s; 10,000 nodes alone take about
+# 4 min of it: setup, floor, operator). A size that cannot converge in the
 # time left is stopped there and reported as not converged, with how far it got.
 #
 #   BPFPOLY_BENCH_SECTIONS="dispatch agent select operator"   which sections to run
-#   BPFPOLY_BENCH_SIZES="500 1000 2500 5000"                  operator sizes (nodes)
+#   BPFPOLY_BENCH_SIZES="500 1000 2500 5000 10000"            operator sizes (nodes)
 #   BPFPOLY_BENCH_ETCD_PORT / _ETCD_PEER_PORT / _APISERVER_PORT  the private control plane
 set -euo pipefail
 
@@ -29,10 +32,10 @@ REPO="$(cd "$HERE/../.." && pwd)"
 TARGET="${CARGO_TARGET_DIR:-$REPO/target}"
 OUT="$TARGET/bench"
 SECTIONS="${BPFPOLY_BENCH_SECTIONS:-dispatch agent select operator}"
-SIZES="${BPFPOLY_BENCH_SIZES:-500 1000 2500 5000}"
+SIZES="${BPFPOLY_BENCH_SIZES:-500 1000 2500 5000 10000}"
 PROGRAMS=20
-DEADLINE="${BPFPOLY_BENCH_DEADLINE:-1140}"
-OPERATOR_BUDGET="${BPFPOLY_BENCH_OPERATOR_BUDGET:-720}"
+DEADLINE="${BPFPOLY_BENCH_DEADLINE:-2100}"
+OPERATOR_BUDGET="${BPFPOLY_BENCH_OPERATOR_BUDGET:-1500}"
 LIBXDP_DISPATCHER="${BPFPOLY_LIBXDP_DISPATCHER:-}"
 # The private control plane: e2e/env/cluster.sh run from a directory of its own, so that this run
 # neither disturbs nor is disturbed by `make run` or tests on the shared one (another operator
@@ -115,7 +118,7 @@ log "build done ($(elapsed) s)"
 # --- 1. dispatch ----------------------------------------------------------------------------
 
 if has dispatch; then
-    log "1/4 dispatch overhead (BPF_PROG_TEST_RUN, 15 runs x 1M repeats per program and frame)"
+    log "1/4 dispatch overhead (BPF_PROG_TEST_RUN, 31 rounds x 1M repeats per program and frame, round-robin)"
     rm -rf "$OUT/jited"
     # BPF_ENABLE_STATS holders (an anon inode "bpf-stats"): every program run then pays two
     # clock reads, which inflates every dispatch figure by a constant.
@@ -135,7 +138,7 @@ if has dispatch; then
         --direct "$OUT/ebpf-direct/packet-classifier-xdp.o" \
         --empty "$OUT/ebpf-empty/packet-classifier-xdp.o" \
         --libxdp "$LIBXDP_DISPATCHER" \
-        --runs 15 --repeat 1000000 \
+        --runs 31 --repeat 1000000 \
         --jited-dir "$OUT/jited" >"$OUT/dispatch.json.tmp"
     mv "$OUT/dispatch.json.tmp" "$OUT/dispatch.json"
     log "dispatch done ($(elapsed) s)"
@@ -214,8 +217,10 @@ run_scale() {
             [[ -n $op_hwm ]] && echo "$op_hwm" >>"$OUT/scale-$n.hwm"
             [[ -n $op_cpu ]] && echo "$op_cpu" >"$OUT/scale-$n.cpu"
         fi
-        # The operator (scale's child) must stay up until the result is printed.
-        if grep -q 'starting the operator' "$OUT/scale-$n.err" 2>/dev/null && [[ -z $op_pid ]]; then
+        # The operator (scale's child) must stay up until scale stops it (after convergence,
+        # before it measures the node states and prints the result).
+        if grep -q 'starting the operator' "$OUT/scale-$n.err" 2>/dev/null &&
+            ! grep -q 'operator stopped' "$OUT/scale-$n.err" 2>/dev/null && [[ -z $op_pid ]]; then
             gone=$((gone + 1))
             if ((gone >= 3)); then
                 log "  $n nodes: the operator exited early; its log:"

@@ -22,6 +22,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod fixtures;
+mod rows;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -30,14 +33,13 @@ use std::{
 
 use bpfpoly_agent::{
     builtin,
-    fetch::FetchError,
     loader::{Loader, LoaderConfig, Outcome},
 };
-use bpfpoly_crds::{
-    program::Bytecode,
-    state::{Phase, ProgramAssignment},
-};
+use bpfpoly_crds::state::Phase;
 use serde_json::{json, Value};
+
+use crate::fixtures::{assignment, fetch, ms, sh, time_cmd, variant, xdp_prog_id, Dir, Veth};
+use crate::rows::Samples;
 
 struct Args {
     agent: PathBuf,
@@ -72,177 +74,6 @@ fn args() -> Args {
 /// have the next aya loader (the kernel BTF parsed) ready, as it is when assignments
 /// arrive from the API server rather than in a tight loop.
 const PACE: Duration = Duration::from_millis(120);
-
-// ---------------------------------------------------------------------------
-// Fixtures: a veth pair, a bpffs root, objects on disk for bpftool
-// ---------------------------------------------------------------------------
-
-fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
-
-fn must(cmd: &str, args: &[&str]) {
-    let o = sh(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-struct Veth {
-    a: String,
-}
-
-impl Veth {
-    fn new() -> Self {
-        let tag = std::process::id() % 100_000;
-        let (a, b) = (format!("bpbench{tag}a"), format!("bpbench{tag}b"));
-        let _ = sh("ip", &["link", "del", &a]);
-        must(
-            "ip",
-            &["link", "add", &a, "type", "veth", "peer", "name", &b],
-        );
-        must("ip", &["link", "set", &a, "up"]);
-        must("ip", &["link", "set", &b, "up"]);
-        Self { a }
-    }
-}
-
-impl Drop for Veth {
-    fn drop(&mut self) {
-        let _ = sh("ip", &["link", "del", &self.a]);
-    }
-}
-
-/// A bpffs directory of our own, removed (with what is pinned in it) on drop.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fetch(b: &Bytecode) -> Result<Vec<u8>, FetchError> {
-    let name = b.builtin.as_deref().unwrap_or_default();
-    builtin::builtin(name)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| FetchError::Unavailable {
-            what: format!("builtin {name:?}"),
-            reason: "not a built-in object".into(),
-        })
-}
-
-fn variant(name: &str, object: &str, iface: &str) -> Value {
-    json!({
-        "name": name,
-        "bytecode": {"builtin": object},
-        "dispatchMechanism": "tailCall",
-        "programs": [
-            {"name": "classify", "attach": {"xdp": {"interfaces": [iface], "mode": "skb"}}},
-            {"name": "handle_tcp"}, {"name": "handle_udp"}, {"name": "handle_icmp"}
-        ]
-    })
-}
-
-fn assignment(
-    name: &str,
-    generation: i64,
-    candidates: Vec<Value>,
-    count_bytes: bool,
-) -> ProgramAssignment {
-    serde_json::from_value(json!({
-        "name": name,
-        "generation": generation,
-        "candidates": candidates,
-        "config": [
-            {"name": "count_bytes", "type": "bool", "value": count_bytes.to_string()},
-            {"name": "vlan_aware", "type": "bool", "value": "true"}
-        ],
-        "dispatch": {
-            "entry": "classify", "mechanism": "auto", "table": "jump_table",
-            "slots": [
-                {"key": 6, "handler": "handle_tcp"},
-                {"key": 17, "handler": "handle_udp"},
-                {"key": 1, "handler": "handle_icmp"}
-            ]
-        },
-        "fallback": {"onVerifierReject": "NextVariant", "onHandlerReject": "DefaultPath"}
-    }))
-    .unwrap()
-}
-
-/// XDP program id attached to `dev` (bpftool), if any.
-fn xdp_prog_id(dev: &str) -> Option<u64> {
-    let o = sh("bpftool", &["-j", "net", "show", "dev", dev]);
-    let v: Value = serde_json::from_slice(&o.stdout).ok()?;
-    v.as_array()?
-        .iter()
-        .flat_map(|e| e["xdp"].as_array().cloned().unwrap_or_default())
-        .find_map(|x| x["id"].as_u64())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn time_cmd(cmd: &str, args: &[&str]) -> (f64, bool) {
-    let t = Instant::now();
-    let status = Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (ms(t.elapsed()), status.success())
-}
-
-// ---------------------------------------------------------------------------
-// Statistics and rows
-// ---------------------------------------------------------------------------
-
-/// Nearest-rank percentile.
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
-    s[rank.min(s.len()) - 1]
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-/// `met`: value <= max_value and/or ratio <= max_ratio, where given.
-fn row(
-    name: &str,
-    value: f64,
-    unit: &str,
-    anchor: Option<(&str, f64)>,
-    target: Option<&str>,
-    max_value: Option<f64>,
-    max_ratio: Option<f64>,
-) -> Value {
-    let ratio = anchor.map(|(_, a)| (value / a * 1000.0).round() / 1000.0);
-    let met = match (max_value, max_ratio, ratio) {
-        (Some(m), _, _) => Some(value <= m),
-        (None, Some(m), Some(r)) => Some(r <= m),
-        _ => None,
-    };
-    json!({
-        "name": name, "value": round(value), "unit": unit,
-        "anchor": anchor.map(|(n, _)| n), "anchor_value": anchor.map(|(_, a)| round(a)),
-        "ratio": ratio, "target": target, "met": met,
-    })
-}
-
-fn rounded(v: &[f64]) -> Vec<f64> {
-    v.iter().map(|x| round(*x)).collect()
-}
 
 // ---------------------------------------------------------------------------
 // The measurements
@@ -507,198 +338,77 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// The objects on disk for bpftool, a veth pair, the loader's bpffs root and a bpffs
+    /// directory for bpftool's pins.
+    fn set_up(args: Args) -> Self {
+        std::fs::create_dir_all(&args.objects).unwrap();
+        let write_obj = |name: &str| {
+            let p = args.objects.join(format!("{name}.o"));
+            std::fs::write(&p, builtin::builtin(name).unwrap()).unwrap();
+            p
+        };
+        let xdp_obj = write_obj("packet-classifier-xdp");
+        let reject_obj = write_obj("fallback-fixtures-reject");
+        let pid = std::process::id();
+        let bench = Bench {
+            veth: Veth::new(),
+            root: Dir(PathBuf::from(format!("/sys/fs/bpf/bpfpoly-bench-{pid}"))),
+            pins: Dir(PathBuf::from(format!(
+                "/sys/fs/bpf/bpfpoly-bench-bpftool-{pid}"
+            ))),
+            xdp_obj,
+            reject_obj,
+            args,
+        };
+        // Mounts bpffs (and tracefs) when missing, before bpftool pins anything.
+        drop(bench.loader());
+        std::fs::create_dir_all(&bench.pins.0).expect("a bpffs directory for bpftool's pins");
+        bench
+    }
+
+    /// Every measurement, anchors first.
+    fn measure_all(&self) -> Samples {
+        eprintln!("[bench_agent] anchors: bpftool loadall (+ attach)");
+        let (bt_load, bt_load_attach) = self.anchor_load_attach();
+        let bt_fallback = self.anchor_fallback();
+        eprintln!("[bench_agent] {} updates, paced", self.args.updates);
+        let (upd_paced, upd_paced_reported) = self.updates(true);
+        eprintln!("[bench_agent] {} updates, back to back", self.args.updates);
+        let (upd_tight, _) = self.updates(false);
+        eprintln!("[bench_agent] fresh loads");
+        let fresh = self.fresh_loads();
+        eprintln!("[bench_agent] verifier rejection -> fallback");
+        let (fb_whole, fb_after) = self.fallbacks();
+        eprintln!("[bench_agent] start-up profile");
+        let [prof_wall, prof_btf, prof_total, bt_probe, bt_dump] = self.profiles();
+        Samples {
+            bt_load,
+            bt_load_attach,
+            bt_fallback,
+            upd_paced,
+            upd_paced_reported,
+            upd_tight,
+            fresh,
+            fb_whole,
+            fb_after,
+            prof_wall,
+            prof_btf,
+            prof_total,
+            bt_probe,
+            bt_dump,
+        }
+    }
+}
+
 fn main() {
-    let args = args();
-    std::fs::create_dir_all(&args.objects).unwrap();
-    let write_obj = |name: &str| {
-        let p = args.objects.join(format!("{name}.o"));
-        std::fs::write(&p, builtin::builtin(name).unwrap()).unwrap();
-        p
-    };
-    let xdp_obj = write_obj("packet-classifier-xdp");
-    let reject_obj = write_obj("fallback-fixtures-reject");
-    let pid = std::process::id();
-    let pins = Dir(PathBuf::from(format!(
-        "/sys/fs/bpf/bpfpoly-bench-bpftool-{pid}"
-    )));
-    let _ = std::fs::create_dir_all(&pins.0);
-    let bench = Bench {
-        veth: Veth::new(),
-        root: Dir(PathBuf::from(format!("/sys/fs/bpf/bpfpoly-bench-{pid}"))),
-        pins,
-        xdp_obj,
-        reject_obj,
-        args,
-    };
-
-    // Mounts bpffs (and tracefs) when missing, before bpftool pins anything.
-    drop(bench.loader());
-    std::fs::create_dir_all(&bench.pins.0).expect("a bpffs directory for bpftool's pins");
-    eprintln!("[bench_agent] anchors: bpftool loadall (+ attach)");
-    let (bt_load, bt_load_attach) = bench.anchor_load_attach();
-    let bt_fallback = bench.anchor_fallback();
-    eprintln!("[bench_agent] {} updates, paced", bench.args.updates);
-    let (upd_paced, upd_paced_reported) = bench.updates(true);
-    eprintln!("[bench_agent] {} updates, back to back", bench.args.updates);
-    let (upd_tight, _) = bench.updates(false);
-    eprintln!("[bench_agent] fresh loads");
-    let fresh = bench.fresh_loads();
-    eprintln!("[bench_agent] verifier rejection -> fallback");
-    let (fb_whole, fb_after) = bench.fallbacks();
-    eprintln!("[bench_agent] start-up profile");
-    let [prof_wall, prof_btf, prof_total, bt_probe, bt_dump] = bench.profiles();
-
-    let p50 = |v: &[f64]| pct(v, 50.0);
-    let p99 = |v: &[f64]| pct(v, 99.0);
-    let bt_la = (
-        "bpftool prog loadall + net attach (p50)",
-        p50(&bt_load_attach),
-    );
-    let rows = vec![
-        row(
-            "agent: assignment -> attached, update p50 (paced)",
-            p50(&upd_paced),
-            "ms",
-            Some(bt_la),
-            Some("<= 50 ms"),
-            Some(50.0),
-            None,
-        ),
-        row(
-            "agent: assignment -> attached, update p99 (paced)",
-            p99(&upd_paced),
-            "ms",
-            Some(bt_la),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: assignment -> attached, update p50 (back to back)",
-            p50(&upd_tight),
-            "ms",
-            Some(bt_la),
-            Some("<= 50 ms"),
-            Some(50.0),
-            None,
-        ),
-        row(
-            "agent: assignment -> attached, update p99 (back to back)",
-            p99(&upd_tight),
-            "ms",
-            Some(bt_la),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: verifier reject -> fallback attached, whole apply p50",
-            p50(&fb_whole),
-            "ms",
-            Some((
-                "bpftool loadall rejected + loadall good + attach (p50)",
-                p50(&bt_fallback),
-            )),
-            Some("<= 100 ms"),
-            Some(100.0),
-            None,
-        ),
-        row(
-            "agent: verifier reject -> fallback attached, whole apply p99",
-            p99(&fb_whole),
-            "ms",
-            Some((
-                "bpftool loadall rejected + loadall good + attach (p50)",
-                p50(&bt_fallback),
-            )),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: verifier reject -> fallback attached, after the rejection p50",
-            p50(&fb_after),
-            "ms",
-            Some(("bpftool loadall good + attach (p50)", p50(&bt_load_attach))),
-            Some("<= 100 ms"),
-            Some(100.0),
-            None,
-        ),
-        row(
-            "agent: load same object, fresh apply (load+attach+pin) p50",
-            p50(&fresh),
-            "ms",
-            Some(("bpftool prog loadall (p50)", p50(&bt_load))),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: load same object, fresh apply vs bpftool load+attach p50",
-            p50(&fresh),
-            "ms",
-            Some(bt_la),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: start-up profile (BTF parse + probes), process p50",
-            p50(&prof_wall),
-            "ms",
-            Some(("bpftool feature probe (p50)", p50(&bt_probe))),
-            Some("ratio < 1.00 (faster)"),
-            None,
-            Some(0.999),
-        ),
-        row(
-            "agent: start-up profile (BTF parse + probes), process min",
-            pct(&prof_wall, 0.0),
-            "ms",
-            Some(("bpftool feature probe (min)", pct(&bt_probe, 0.0))),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: start-up profile, BTF part (read+hash+parse+index) p50",
-            p50(&prof_btf),
-            "ms",
-            Some(("bpftool btf dump file vmlinux (p50)", p50(&bt_dump))),
-            None,
-            None,
-            None,
-        ),
-        row(
-            "agent: start-up profile, process p50 vs BTF dump",
-            p50(&prof_wall),
-            "ms",
-            Some(("bpftool btf dump file vmlinux (p50)", p50(&bt_dump))),
-            None,
-            None,
-            None,
-        ),
-    ];
+    let bench = Bench::set_up(args());
+    let samples = bench.measure_all();
     let doc = json!({
         "section": "agent",
         "pace_ms": ms(PACE),
-        "rows": rows,
-        "samples_ms": {
-            "update_paced_wall": rounded(&upd_paced),
-            "update_paced_reported": rounded(&upd_paced_reported),
-            "update_back_to_back_wall": rounded(&upd_tight),
-            "fresh_load": rounded(&fresh),
-            "fallback_whole": rounded(&fb_whole),
-            "fallback_after_rejection": rounded(&fb_after),
-            "bpftool_loadall": rounded(&bt_load),
-            "bpftool_loadall_attach": rounded(&bt_load_attach),
-            "bpftool_fallback": rounded(&bt_fallback),
-            "profile_process": rounded(&prof_wall),
-            "profile_btf_internal": rounded(&prof_btf),
-            "profile_total_internal": rounded(&prof_total),
-            "bpftool_feature_probe": rounded(&bt_probe),
-            "bpftool_btf_dump": rounded(&bt_dump),
-        },
+        "rows": rows::agent_rows(&samples),
+        "samples_ms": samples.to_json(),
     });
     println!("{doc}");
     let _ = std::fs::remove_dir_all(&bench.args.objects);
