@@ -292,15 +292,8 @@ impl Loader {
             cfg,
             running: BTreeMap::new(),
             reported: BTreeMap::new(),
-            kernel: Kernel::new(true),
+            kernel: Kernel::new(),
         })
-    }
-
-    /// Whether to keep one aya loader (a parsed copy of the kernel's BTF, 15-20 MiB)
-    /// ready on a background thread, which takes 10-20 ms off every apply. On by
-    /// default; off frees the memory between applies.
-    pub fn set_prewarm(&mut self, on: bool) {
-        self.kernel.set_prewarm(on);
     }
 
     /// The configuration.
@@ -373,7 +366,7 @@ impl Loader {
             }
         }
         let attempt = self.attempt(a, &digest, fetch);
-        self.kernel.release_btf();
+        self.kernel.end_apply();
         let (mut status, outcome, fallback_duration, fallbacks) = match attempt {
             Ok(success) => {
                 let since = success.since_first_failure;

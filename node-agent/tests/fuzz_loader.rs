@@ -101,7 +101,6 @@ fn fuzz_loader_apply_on_the_kernel() {
         ..LoaderConfig::default()
     })
     .unwrap();
-    loader.set_prewarm(false);
     let original = bpfpoly_agent::builtin::builtin("packet-classifier-xdp").unwrap();
     let ranges = targets(original);
     let started = Instant::now();

@@ -77,6 +77,26 @@ fn problems(
     check_variant(info, variant, cfg, d).unwrap_err().join("\n")
 }
 
+/// Which objects need the kernel's BTF to load: only those with CO-RE relocations make
+/// the loader read and parse it (10-20 ms); the packet classifier loads without it.
+#[test]
+fn core_relocations_say_which_objects_need_the_kernel_btf() {
+    for name in [
+        "exec-tracer-tpbtf",
+        "exec-tracer-tracepoint",
+        "exec-tracer-kprobe",
+    ] {
+        assert!(object(name).core_relocations, "{name}");
+    }
+    for name in [
+        "packet-classifier-xdp",
+        "packet-classifier-tc",
+        "comm-stats-bounded",
+    ] {
+        assert!(!object(name).core_relocations, "{name}");
+    }
+}
+
 #[test]
 fn the_classifier_object_is_read_as_the_abi_says() {
     let info = object("packet-classifier-xdp");

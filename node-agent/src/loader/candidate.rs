@@ -8,7 +8,6 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::mpsc::{sync_channel, Receiver},
 };
 
 use aya::{
@@ -53,33 +52,21 @@ impl Failure {
     }
 }
 
-/// What loading needs from the running kernel, prepared ahead where it is slow.
+/// What loading needs from the running kernel, read on first need.
 pub(super) struct Kernel {
-    /// The kernel's BTF for tp_btf/fentry/fexit targets, parsed on first need in an
-    /// apply and released at its end.
-    btf: Option<Result<Btf, String>>,
-    /// `EbpfLoader::new()` parses the kernel's BTF (10-20 ms, most of an apply); a
-    /// thread keeps one loader parsed ahead so that apply does not wait for it.
-    spare: Option<Receiver<EbpfLoader<'static>>>,
+    /// The kernel's BTF, for CO-RE relocations and tp_btf/fentry/fexit targets: parsed
+    /// (10-20 ms, 15-20 MiB) the first time an object needs it, and kept, as it does not
+    /// change while the kernel runs. Objects that need neither never parse it. A failed
+    /// read is not kept: the next object that needs it tries again.
+    btf: Option<Btf>,
     /// What `__kconfig` externs are filled from, read on first need.
     facts: KernelFacts,
 }
 
 impl Kernel {
-    /// With `prewarm`, starts the thread that keeps a loader ready (one parsed BTF,
-    /// about 15-20 MiB, stays in memory); it ends when the `Kernel` is dropped.
-    pub(super) fn new(prewarm: bool) -> Self {
-        let spare = prewarm.then(|| {
-            // Capacity 0: the thread holds one ready loader while it waits.
-            let (tx, rx) = sync_channel::<EbpfLoader<'static>>(0);
-            let spawned = std::thread::Builder::new()
-                .name("bpfpoly-prewarm".into())
-                .spawn(move || while tx.send(EbpfLoader::new()).is_ok() {});
-            spawned.ok().map(|_| rx)
-        });
+    pub(super) fn new() -> Self {
         Self {
             btf: None,
-            spare: spare.flatten(),
             facts: KernelFacts::running(),
         }
     }
@@ -90,19 +77,8 @@ impl Kernel {
         self
     }
 
-    pub(super) fn set_prewarm(&mut self, on: bool) {
-        if on != self.spare.is_some() {
-            *self = Self {
-                btf: self.btf.take(),
-                facts: std::mem::take(&mut self.facts),
-                ..Self::new(on)
-            };
-        }
-    }
-
-    /// Frees the parsed kernel BTF (15-20 MiB) between applies.
-    pub(super) fn release_btf(&mut self) {
-        self.btf = None;
+    /// Forgets what an apply read that may change (the kernel config file); the BTF stays.
+    pub(super) fn end_apply(&mut self) {
         self.facts.forget();
     }
 
@@ -112,20 +88,26 @@ impl Kernel {
     }
 
     fn btf(&mut self) -> Result<&Btf, String> {
+        if self.btf.is_none() {
+            let btf =
+                Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {}", chain(&e)))?;
+            self.btf = Some(btf);
+        }
         self.btf
-            .get_or_insert_with(|| {
-                Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {}", chain(&e)))
-            })
             .as_ref()
-            .map_err(Clone::clone)
+            .ok_or_else(|| "reading kernel BTF".to_owned())
     }
 
-    /// A fresh loader: the prepared one when ready, else a new one.
-    fn ebpf_loader(&mut self) -> EbpfLoader<'static> {
-        self.spare
-            .as_ref()
-            .and_then(|rx| rx.try_recv().ok())
-            .unwrap_or_default()
+    /// A fresh loader. It relocates against the kernel's BTF only when the object has
+    /// CO-RE relocations (the only use aya makes of a loader's BTF), which it reads on
+    /// first need; where it cannot be read, such an object loads unrelocated, as with
+    /// `EbpfLoader::new()`.
+    fn ebpf_loader(&mut self, core_relocations: bool) -> EbpfLoader<'_> {
+        let mut loader = EbpfLoader::without_btf();
+        if core_relocations {
+            loader.btf(self.btf().ok());
+        }
+        loader
     }
 }
 
@@ -269,7 +251,18 @@ pub(super) fn open_object(
     extensions: &[String],
 ) -> Result<Ebpf, Failure> {
     let has = |name: &str| info.globals.contains_key(name);
-    let mut loader = kernel.ebpf_loader();
+    let aligned = object::Aligned::new(bytes);
+    let resolved = kconfig::resolve_object(aligned.bytes(), &kernel.facts).map_err(|problems| {
+        Failure::new(
+            FallbackStage::Verify,
+            format!("resolving __kconfig externs: {}", problems.join("; ")),
+        )
+    })?;
+    let resolved_aligned = resolved.as_deref().map(object::Aligned::new);
+    let bytes = resolved_aligned
+        .as_ref()
+        .map_or_else(|| aligned.bytes(), |a| a.bytes());
+    let mut loader = kernel.ebpf_loader(info.core_relocations);
     for (name, value) in config {
         if has(name) {
             loader.override_global(name.as_str(), value.as_slice(), true);
@@ -287,17 +280,6 @@ pub(super) fn open_object(
     for name in extensions {
         loader.extension(name.as_str());
     }
-    let aligned = object::Aligned::new(bytes);
-    let resolved = kconfig::resolve_object(aligned.bytes(), &kernel.facts).map_err(|problems| {
-        Failure::new(
-            FallbackStage::Verify,
-            format!("resolving __kconfig externs: {}", problems.join("; ")),
-        )
-    })?;
-    let resolved_aligned = resolved.as_deref().map(object::Aligned::new);
-    let bytes = resolved_aligned
-        .as_ref()
-        .map_or_else(|| aligned.bytes(), |a| a.bytes());
     loader.load(bytes).map_err(|e| {
         let (message, log) = match &e {
             aya::EbpfError::BtfError(aya::BtfError::LoadError {
@@ -318,11 +300,6 @@ pub(super) fn open_object(
             verifier_log: log_tail(&log),
         }
     })
-}
-
-/// The kernel's BTF, for the kinds that load against a target in it.
-fn kernel_btf(kernel: &mut Kernel) -> Result<&Btf, LoadError> {
-    kernel.btf().map_err(LoadError::other)
 }
 
 /// Loads `name` with the attach parameters its kind needs; returns its kernel id.
@@ -347,9 +324,9 @@ pub(super) fn load_program(
         Program::TracePoint(p) => p.load(),
         Program::KProbe(p) => p.load(),
         Program::RawTracePoint(p) => p.load(),
-        Program::BtfTracePoint(p) => p.load(target(AttachKind::TpBtf)?, kernel_btf(kernel)?),
-        Program::FEntry(p) => p.load(target(AttachKind::FEntry)?, kernel_btf(kernel)?),
-        Program::FExit(p) => p.load(target(AttachKind::FExit)?, kernel_btf(kernel)?),
+        Program::BtfTracePoint(p) => p.load(target(AttachKind::TpBtf)?, kernel.btf_ref()?),
+        Program::FEntry(p) => p.load(target(AttachKind::FEntry)?, kernel.btf_ref()?),
+        Program::FExit(p) => p.load(target(AttachKind::FExit)?, kernel.btf_ref()?),
         other => {
             return Err(LoadError::other(format!(
                 "program {name:?} has a program type the agent does not load ({:?})",

@@ -224,6 +224,8 @@ pub struct ObjectInfo {
     pub globals: BTreeMap<String, Global>,
     /// Functions that are not programs (global subprograms, e.g. freplace slots).
     pub functions: BTreeSet<String>,
+    /// Whether it has CO-RE relocations: it loads relocated against the kernel's BTF.
+    pub core_relocations: bool,
 }
 
 /// Why bytes are not a usable eBPF object.
@@ -274,6 +276,7 @@ pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, ObjectError> {
             })
             .collect(),
         functions: inspected.functions.into_iter().collect(),
+        core_relocations: inspected.core_relocations,
     })
 }
 

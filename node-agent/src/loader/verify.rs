@@ -129,7 +129,7 @@ pub fn verify(bytes: &[u8], opts: &VerifyOptions) -> Result<VerifyReport, Vec<St
         .with_release(opts.kernel_release.clone())
         .with_config_file(opts.kconfig_file.clone());
     let kernel_release = facts.release();
-    let mut kernel = Kernel::new(false).with_facts(facts);
+    let mut kernel = Kernel::new().with_facts(facts);
     let result = |p: &crate::inspect::ProgramInfo, outcome| ProgramResult {
         name: p.name.clone(),
         section: p.section.clone(),
