@@ -95,7 +95,7 @@ pub fn assignment(
         "candidates": candidates,
         "config": [
             {"name": "count_bytes", "type": "bool", "value": count_bytes.to_string()},
-            {"name": "vlan_aware", "type": "bool", "value": "true"}
+            {"name": "vlan_aware", "type": "bool", "value": "false"}
         ],
         "dispatch": {
             "entry": "classify", "mechanism": "auto", "table": "jump_table",

@@ -70,9 +70,9 @@ fn args() -> Args {
     a
 }
 
-/// Pause between paced operations: long enough for the loader's prewarm thread to
-/// have the next aya loader (the kernel BTF parsed) ready, as it is when assignments
-/// arrive from the API server rather than in a tight loop.
+/// Pause between paced operations: the agent idle between assignments, as when they
+/// arrive from the API server rather than in a tight loop. (Nothing of the loader is
+/// prepared ahead in the pause: each apply builds its aya loader when it runs.)
 const PACE: Duration = Duration::from_millis(120);
 
 // ---------------------------------------------------------------------------

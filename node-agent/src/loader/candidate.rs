@@ -103,12 +103,48 @@ impl Kernel {
     /// first need; where it cannot be read, such an object loads unrelocated, as with
     /// `EbpfLoader::new()`.
     fn ebpf_loader(&mut self, core_relocations: bool) -> EbpfLoader<'_> {
-        let mut loader = EbpfLoader::without_btf();
+        let mut loader = loader_without_btf();
         if core_relocations {
             loader.btf(self.btf().ok());
         }
         loader
     }
+}
+
+/// An `EbpfLoader` with no target BTF, without the parse of the kernel's BTF that aya's
+/// only constructor does. `EbpfLoader::new()` reads and parses /sys/kernel/btf/vmlinux
+/// (10-20 ms and 15-20 MiB, most of an apply), and `.btf(None)` only drops the result
+/// afterwards (aya-rs/aya#1172). So the loader is made on a short-lived thread whose own
+/// filesystem root (`unshare(CLONE_FS)`, then `chroot` into `/proc/self/fd`, which has no
+/// `sys/`) hides that file: the read fails at once and the loader starts with no BTF, as
+/// `.btf(None)` would leave it. Nothing else of the process sees that root, and the loader
+/// reads no other file. Where the thread cannot change its root (no `CAP_SYS_CHROOT`), the
+/// loader is made the slow way, with the same result.
+fn loader_without_btf() -> EbpfLoader<'static> {
+    without_kernel_btf(EbpfLoader::new).unwrap_or_else(|| {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        loader
+    })
+}
+
+/// `f` run on a thread of its own whose filesystem root has no `/sys`, or None when the
+/// thread cannot change its root.
+fn without_kernel_btf<T: Send + 'static>(f: fn() -> T) -> Option<T> {
+    std::thread::Builder::new()
+        .name("bpfpoly-loader".into())
+        .spawn(move || {
+            // SAFETY: both calls take no memory of ours but a NUL-terminated literal;
+            // CLONE_FS unshares only this thread's root, cwd and umask, so the chroot that
+            // follows is this thread's alone, and the thread ends right after.
+            let own_root = unsafe { libc::unshare(libc::CLONE_FS) } == 0
+                && unsafe { libc::chroot(c"/proc/self/fd".as_ptr()) } == 0;
+            own_root.then(f)
+        })
+        .ok()?
+        .join()
+        .ok()
+        .flatten()
 }
 
 /// A failed program load: aya's error, its errno and the verifier log.
@@ -384,4 +420,36 @@ pub(super) fn load_attached(
         dispatch_keys: Vec::new(),
         extension_links: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_kernel_btf;
+
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+    /// The loader's own thread does not see the kernel's BTF (so aya's constructor skips
+    /// its parse), and the rest of the process still does. Needs root (CAP_SYS_CHROOT).
+    #[test]
+    fn the_loader_thread_alone_has_no_kernel_btf() {
+        if std::env::var("BPFPOLY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+            eprintln!("skipped: BPFPOLY_SKIP_PRIVILEGED=1 (chroot needs CAP_SYS_CHROOT)");
+            return;
+        }
+        assert!(
+            std::path::Path::new(VMLINUX).exists(),
+            "{VMLINUX} missing: this kernel has no BTF"
+        );
+        let seen = without_kernel_btf(|| std::path::Path::new(VMLINUX).exists());
+        assert_eq!(
+            seen,
+            Some(false),
+            "the loader thread could not change its root (run as root) or still sees {VMLINUX}"
+        );
+        assert!(
+            std::path::Path::new(VMLINUX).exists(),
+            "the process lost {VMLINUX}"
+        );
+        assert!(std::path::Path::new("/proc/self/status").exists());
+    }
 }
