@@ -218,7 +218,7 @@ impl<'a> Pass<'a> {
     /// believed and still counts, and its outcome.
     async fn judge(&mut self, ctx: &Context, node: &String) {
         let (key, node_facts) = match self.facts.by_node.get(node) {
-            Some((k, f)) => (k.as_str(), f),
+            Some(e) => (e.0.as_str(), &e.1),
             None => ("", &self.pending_facts),
         };
         if !self.decisions.contains_key(key) {

@@ -43,7 +43,7 @@ pub async fn explain(
     names.sort();
     let none = NodeFacts::default();
     for node in names {
-        let facts = index.by_node.get(&node).map(|(_, f)| f).unwrap_or(&none);
+        let facts = index.by_node.get(&node).map(|e| &e.1).unwrap_or(&none);
         let kernel = if facts.release.is_empty() {
             "no profile yet".to_string()
         } else {
