@@ -88,14 +88,11 @@ impl Kernel {
     }
 
     fn btf(&mut self) -> Result<&Btf, String> {
-        if self.btf.is_none() {
-            let btf =
-                Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {}", chain(&e)))?;
-            self.btf = Some(btf);
-        }
-        self.btf
-            .as_ref()
-            .ok_or_else(|| "reading kernel BTF".to_owned())
+        let btf = match self.btf.take() {
+            Some(btf) => btf,
+            None => Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {}", chain(&e)))?,
+        };
+        Ok(self.btf.insert(btf))
     }
 
     /// A fresh loader. It relocates against the kernel's BTF only when the object has
