@@ -8,3 +8,4 @@ pub mod fetch;
 pub mod inspect;
 pub mod kconfig;
 pub mod loader;
+pub mod sys;

@@ -501,7 +501,7 @@ impl Loader {
         }
         self.reported.remove(name);
         let dir = self.program_dir(name);
-        pins::remove_dir(&dir).map_err(io_error(&dir))
+        pins::remove_program_dir(&dir).map_err(io_error(&dir))
     }
 
     /// Removes everything under `bpffs_root` (for `bpfpoly-agent cleanup`): every
@@ -516,7 +516,7 @@ impl Loader {
         for entry in entries {
             let path = entry.map_err(io_error(bpffs_root))?.path();
             if path.is_dir() {
-                pins::remove_dir(&path).map_err(io_error(&path))?;
+                pins::remove_program_dir(&path).map_err(io_error(&path))?;
                 removed += 1;
             } else {
                 fs::remove_file(&path).map_err(io_error(&path))?;

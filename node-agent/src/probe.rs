@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -19,6 +19,7 @@ use aya::{
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+use bpfpoly_agent::sys::{bpf_fd, ENOTSUPP};
 use bpfpoly_crds::requirement::{helper_id, Query, MAP_TYPES, PROGRAM_TYPES};
 
 use crate::btf::{KernelBtf, VMLINUX_BTF};
@@ -296,7 +297,7 @@ fn attach_target_supported(kind: AttachTargetKind, targets: AttachTargets) -> Re
     load.log_buf = log.as_mut_ptr() as u64;
     load.expected_attach_type = attach_type as u32;
     load.attach_btf_id = attach_btf_id;
-    let prog = match sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
+    let prog = match bpf_fd(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => fd,
         Err(e) => {
             return match e.raw_os_error() {
@@ -309,36 +310,12 @@ fn attach_target_supported(kind: AttachTargetKind, targets: AttachTargets) -> Re
     // SAFETY: `bpf_attr` is a union of plain integers; all-zero is valid.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
-    match sys_bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr) {
+    match bpf_fd(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr) {
         // Dropping the link detaches it.
         Ok(_link) => Ok(true),
         Err(e) if e.raw_os_error() == Some(ENOTSUPP) => Ok(false),
         Err(e) => Err(format!("bpf_raw_tracepoint_open: {e}")),
     }
-}
-
-/// The kernel's internal ENOTSUPP, which BPF returns to user space.
-const ENOTSUPP: i32 = 524;
-
-/// `bpf(cmd, attr)` for the commands that return a new fd.
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
-    // SAFETY: the commands used here read `size_of::<bpf_attr>()` bytes from a
-    // valid, initialized `bpf_attr` (and the buffers it points to, which outlive the
-    // call) and return a new fd or -1.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(ret).map_err(|_| io::Error::other("bpf returned no fd"))?;
-    // SAFETY: the syscall returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The local-storage map types, with their `enum bpf_map_type` numbers.
@@ -369,7 +346,7 @@ fn local_storage_supported(map_type: u32) -> io::Result<bool> {
     create.map_flags = BPF_F_NO_PREALLOC;
     create.btf_key_type_id = 1;
     create.btf_value_type_id = 1;
-    match sys_bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr) {
+    match bpf_fd(bpf_cmd::BPF_MAP_CREATE, &mut attr) {
         // Not expected (the value size is impossible), but a map means support.
         Ok(_map) => Ok(true),
         Err(err) => match err.raw_os_error() {

@@ -37,6 +37,7 @@ use aya_obj::{
 use serde::{Deserialize, Serialize};
 
 use super::error::chain;
+use crate::sys::{detach_pinned_link, ENOTSUPP};
 
 /// The record of a loaded assignment.
 pub(super) const META_PIN: &str = "meta";
@@ -169,29 +170,73 @@ pub(super) fn detach_netlink(links: &[LinkRecord]) -> Result<(), String> {
     }
 }
 
-/// Detaches the legacy tc filters recorded under `dir` (a version directory with its
-/// `meta`, or a program directory holding such directories): unpinning does not.
-fn detach_recorded_netlink(dir: &Path) -> io::Result<()> {
+/// The links in a `meta` record as `record.rs` writes it: `{"info": {"links": [...]}}`.
+pub(super) fn record_links(json: &[u8]) -> Option<Vec<LinkRecord>> {
     #[derive(Deserialize)]
-    struct Links {
+    struct Record {
+        info: Info,
+    }
+    #[derive(Deserialize)]
+    struct Info {
         #[serde(default)]
         links: Vec<LinkRecord>,
     }
+    serde_json::from_slice::<Record>(json)
+        .ok()
+        .map(|r| r.info.links)
+}
+
+/// The link records under `dir` (a version directory with its `meta`, or a program
+/// directory holding such directories), each with the directory that holds its pin.
+/// Unreadable records are skipped: their pins still go with the directory.
+fn recorded_links(dir: &Path) -> Vec<(PathBuf, LinkRecord)> {
     let mut dirs = vec![dir.to_path_buf()];
     if let Ok(entries) = fs::read_dir(dir) {
         dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
     }
+    let mut links = Vec::new();
     for d in dirs {
         if !d.join(META_PIN).exists() {
             continue;
         }
         let Ok(json) = read_meta(&d) else { continue };
-        let Ok(record) = serde_json::from_slice::<Links>(&json) else {
+        let Some(record) = record_links(&json) else {
             continue;
         };
-        detach_netlink(&record.links).map_err(io::Error::other)?;
+        links.extend(record.into_iter().map(|l| (d.clone(), l)));
     }
-    Ok(())
+    links
+}
+
+/// Detaches the legacy tc filters recorded under `dir`: unpinning does not.
+fn detach_recorded_netlink(dir: &Path) -> io::Result<()> {
+    let links: Vec<LinkRecord> = recorded_links(dir).into_iter().map(|(_, l)| l).collect();
+    detach_netlink(&links).map_err(io::Error::other)
+}
+
+/// Detaches every bpf_link recorded under `dir` before its pins go, so that nothing
+/// of it runs once this returns (an unpinned link is detached later, by a kernel work
+/// item). Only for a program removed as a whole: a version being retired may pin a
+/// link that was updated in place and now runs its successor. Kinds the kernel cannot
+/// detach (`EOPNOTSUPP`, or `EINVAL` before Linux 5.9) are left to the unpin.
+fn detach_recorded_links(dir: &Path) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (d, link) in recorded_links(dir) {
+        if link.netlink.is_some() || link.pin.is_empty() {
+            continue;
+        }
+        let pin = d.join(&link.pin);
+        match detach_pinned_link(&pin) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOENT | ENOTSUPP)
+                ) => {}
+            Err(e) => errors.push(format!("detaching {}: {e}", pin.display())),
+        }
+    }
+    errors
 }
 
 /// Pins `link` as `link_<program>_<kind>_<target>` in `dir` and records it.
@@ -254,6 +299,19 @@ pub(super) fn remove_dir(dir: &Path) -> io::Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
+    }
+}
+
+/// Removes a program as a whole: detaches each of its recorded links, then removes
+/// `dir` as [`remove_dir`] does. A link that would not detach is still unpinned, and
+/// the kernel detaches it shortly after; the error says which.
+pub(super) fn remove_program_dir(dir: &Path) -> io::Result<()> {
+    let errors = detach_recorded_links(dir);
+    remove_dir(dir)?;
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(io::Error::other(errors.join("; ")))
     }
 }
 

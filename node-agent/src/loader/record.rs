@@ -160,7 +160,7 @@ impl Loader {
         }
         if let Some(old) = self.running.remove(&a.name) {
             drop(old.counters);
-            if let Err(e) = pins::remove_dir(&old.info.pin_dir) {
+            if let Err(e) = pins::remove_program_dir(&old.info.pin_dir) {
                 warn!(program = %a.name, "removing the previous version's pins: {e}");
             }
         }
@@ -199,4 +199,60 @@ fn write_record(
     serde_json::to_vec(&record)
         .map_err(|e| e.to_string())
         .and_then(|json| pins::write_meta(&info.pin_dir, &json))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::loader::pins::{LinkRecord, NetlinkFilter};
+
+    /// What removal reads back (the links to detach) is what `write_record` pins: a
+    /// reader of another shape finds no links, and removal would leave legacy tc
+    /// filters attached and bpf_links to a deferred detach.
+    #[test]
+    fn the_links_removal_detaches_are_read_back_from_the_written_record() {
+        let links = vec![
+            LinkRecord {
+                program: "classify".into(),
+                kind: "xdp".into(),
+                target: "eth0".into(),
+                mode: Some("skb".into()),
+                pin: "link_classify_xdp_eth0".into(),
+                link_id: 7,
+                program_id: 41,
+                netlink: None,
+            },
+            pins::netlink_record(
+                "count",
+                "eth0",
+                "ingress",
+                42,
+                NetlinkFilter {
+                    priority: 49152,
+                    handle: 1,
+                },
+            ),
+        ];
+        let record = Record {
+            version: pins::META_VERSION,
+            program: "p".into(),
+            created_unix_ms: unix_ms(),
+            status: ProgramStatus::default(),
+            info: RunningInfo {
+                digest: "d".into(),
+                generation: 3,
+                variant: "v".into(),
+                mechanism: None,
+                programs: BTreeMap::new(),
+                links: links.clone(),
+                dispatch_keys: vec![],
+                pin_dir: Default::default(),
+            },
+        };
+        let json = serde_json::to_vec(&record).unwrap();
+        assert_eq!(pins::record_links(&json), Some(links));
+        assert_eq!(pins::record_links(b"{\"links\": []}"), None);
+    }
 }
