@@ -64,8 +64,11 @@ pub fn agent_lease_name(node: &str) -> String {
     shortened(format!("bpfpoly-agent-{node}"), node, MAX_OBJECT_NAME, '-')
 }
 
-/// Assignments for one node (name = node name).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+mod stored;
+
+/// Assignments for one node (name = node name). Stored with the config fallbacks listed
+/// once per node (see `stored`).
+#[derive(CustomResource, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "bpfpoly.io",
     version = "v1alpha1",
@@ -79,12 +82,10 @@ pub fn agent_lease_name(node: &str) -> String {
     printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.summary.degraded"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
 pub struct BpfNodeStateSpec {
     /// Programs assigned to this node, written by the operator. Each entry holds only what
     /// differs per node; the agent reads the variant definitions, the dispatch table and the
     /// fallback policy from the BpfPolyProgram itself, at the entry's generation.
-    #[serde(default)]
     pub programs: Vec<std::sync::Arc<AssignedProgram>>,
 }
 
@@ -102,7 +103,8 @@ pub struct AssignedProgram {
     /// the agent tries them. The operator has checked their requirements against this node.
     pub variants: Vec<String>,
     /// The config globals that fall back on this node (they take their `fallback` value),
-    /// each with why. Every other global takes its declared `value`.
+    /// each with why, sorted by name. Every other global takes its declared `value`. A node
+    /// state stores them once per node (`spec.configFallbacks`), not per program.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_fallbacks: Vec<ConfigFallback>,
 }

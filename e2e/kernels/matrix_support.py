@@ -153,10 +153,14 @@ def collect(kernels, programs):
     rows = []
     for k in kernels:
         node = node_of(k)
-        spec = {a["name"]: a for a in states[node].get("spec", {}).get("programs", [])}
+        # Fallbacks are stored once per node, each naming the programs it applies to.
+        fell = {}
+        for c in states[node].get("spec", {}).get("configFallbacks", []):
+            for prog in c["programs"]:
+                fell.setdefault(prog, []).append(c)
         status = {s["name"]: s for s in states[node]["status"]["programs"]}
         for p in programs:
-            s, a = status[p], spec.get(p, {})
+            s = status[p]
             rows.append({
                 "kernel": k, "node": node, "program": p,
                 "phase": s["phase"], "variant": s.get("variant"), "mechanism": s.get("mechanism"),
@@ -167,7 +171,7 @@ def collect(kernels, programs):
                               for f in s.get("fallbacks", [])],
                 "configFallbacks": [{"field": c["name"], "value": fallback_of.get((p, c["name"])),
                                      "reason": c.get("reason")}
-                                    for c in a.get("configFallbacks", [])],
+                                    for c in fell.get(p, [])],
                 "handlers": [{"key": h["key"], "state": h["state"]} for h in s.get("handlers", [])],
                 "message": s.get("message", ""),
             })

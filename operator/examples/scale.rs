@@ -247,20 +247,24 @@ async fn clean(client: &Client) {
 
 /// A node-state spec of the shape and size the operator writes for these programs on node
 /// `i`: every program with its candidate variants in order and, on the third kernel build
-/// (no `task_struct.loginuid`), the `read_loginuid` fallback with its reason.
+/// (no `task_struct.loginuid`), the `read_loginuid` fallback with its reason, stored once
+/// for the programs it applies to.
 fn floor_spec(programs_n: usize, i: usize) -> Value {
-    let programs: Vec<Value> = (0..programs_n)
-        .map(|p| {
-            let mut a = json!({"name": format!("scale-{p:02}"), "generation": 1,
-                "variants": ["kprobe", "tp-btf", "tracepoint"]});
-            if i % 3 == 2 {
-                a["configFallbacks"] = json!([{"name": "read_loginuid",
-                    "reason": "field struct task_struct.loginuid missing on this kernel"}]);
-            }
-            a
+    let names: Vec<String> = (0..programs_n).map(|p| format!("scale-{p:02}")).collect();
+    let programs: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            json!({"name": name, "generation": 1,
+                "variants": ["kprobe", "tp-btf", "tracepoint"]})
         })
         .collect();
-    json!({"programs": programs})
+    let mut spec = json!({"programs": programs});
+    if i % 3 == 2 {
+        spec["configFallbacks"] = json!([{"name": "read_loginuid",
+            "reason": "field struct task_struct.loginuid missing on this kernel",
+            "programs": names}]);
+    }
+    spec
 }
 
 struct Floor {

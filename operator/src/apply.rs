@@ -320,19 +320,23 @@ impl<'a> Pass<'a> {
             return a.clone();
         }
         let d = &self.decisions[key];
+        let mut config_fallbacks: Vec<ConfigFallback> = d
+            .config
+            .iter()
+            .filter(|c| c.fell_back)
+            .map(|c| ConfigFallback {
+                name: c.name.clone(),
+                reason: c.reason.clone().unwrap_or_default(),
+            })
+            .collect();
+        // Sorted as a node state reads them back (see `BpfNodeStateSpec`'s stored form), so
+        // that what the writer wants equals what it has written.
+        config_fallbacks.sort_by(|a, b| a.name.cmp(&b.name));
         let a = Arc::new(AssignedProgram {
             name: self.name.clone(),
             generation: self.generation,
             variants: d.eligible.iter().map(|e| e.name.clone()).collect(),
-            config_fallbacks: d
-                .config
-                .iter()
-                .filter(|c| c.fell_back)
-                .map(|c| ConfigFallback {
-                    name: c.name.clone(),
-                    reason: c.reason.clone().unwrap_or_default(),
-                })
-                .collect(),
+            config_fallbacks,
         });
         self.by_key.insert(key, a.clone());
         a
