@@ -196,8 +196,25 @@ int classify(CLASSIFIER_CTX *ctx)
 			break;
 		}
 	} else {
-		/* Returns only when jump_table[key] is empty; counts the default slot. */
-		BPFPOLY_TAIL_DISPATCH(ctx, pkt->key);
+		/*
+		 * Returns only when jump_table[key] is empty; counts the default slot.
+		 * The keys compiled in jump directly (constant keys); any other key a
+		 * dispatch table names goes through the indirect tail call.
+		 */
+		switch (pkt->key) {
+		case CLASSIFIER_KEY_ICMP:
+			BPFPOLY_TAIL_DISPATCH_CONST(ctx, CLASSIFIER_KEY_ICMP);
+			break;
+		case CLASSIFIER_KEY_TCP:
+			BPFPOLY_TAIL_DISPATCH_CONST(ctx, CLASSIFIER_KEY_TCP);
+			break;
+		case CLASSIFIER_KEY_UDP:
+			BPFPOLY_TAIL_DISPATCH_CONST(ctx, CLASSIFIER_KEY_UDP);
+			break;
+		default:
+			BPFPOLY_TAIL_DISPATCH(ctx, pkt->key);
+			break;
+		}
 		return CLASSIFIER_PASS;
 	}
 
