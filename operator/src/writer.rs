@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bpfpoly_crds::state::AssignedProgram;
+use bpfpoly_crds::state::{AssignedProgram, BpfNodeStateSpec};
 use bpfpoly_crds::{BpfNodeProfile, BpfNodeState, BpfPolyProgram};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -220,7 +220,11 @@ async fn write_node(ctx: &Context, node: &str) -> Result<(), kube::Error> {
         .unwrap_or_default();
     let want = desired_programs(ctx, node, &current);
     if want != current || (state.is_none() && !want.is_empty()) {
-        let spec = serde_json::json!({"programs": want});
+        // The stored form: each fallback once per node (see `BpfNodeStateSpec`).
+        let spec = BpfNodeStateSpec {
+            programs: want.clone(),
+        };
+        let spec = serde_json::to_value(&spec).map_err(kube::Error::SerdeError)?;
         let meta = state.as_ref().map(|s| &s.metadata);
         if apply_spec::<BpfNodeState>(ctx, node, spec, meta).await? {
             tracing::debug!(%node, programs = want.len(), "wrote node state");

@@ -100,8 +100,48 @@ async fn nodes_of_one_btf_build_are_asked_once_and_share_answers() {
             .find(|a| a.name == "shared-tracer")
             .expect("shared-tracer assigned");
         check_compact_entry(a, n, i % 3 == 2);
+        check_stored_fallbacks(&c, n, i % 3 == 2).await;
     }
     cleanup(&c, test, &nodes, &["shared-tracer"]).await;
+}
+
+/// As the API server stores it: the fallback once per node, naming the programs it applies
+/// to, and no per-program copy.
+async fn check_stored_fallbacks(c: &Client, n: &str, without_loginuid: bool) {
+    let raw: Api<kube::api::DynamicObject> = Api::all_with(
+        c.clone(),
+        &kube::api::ApiResource::erase::<BpfNodeState>(&()),
+    );
+    let spec = &raw.get(n).await.unwrap().data["spec"];
+    let entry = spec["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shared-tracer")
+        .unwrap();
+    assert!(entry.get("configFallbacks").is_none(), "{n}: {spec}");
+    let stored: Vec<&serde_json::Value> = spec["configFallbacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| {
+            f["programs"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("shared-tracer"))
+        })
+        .collect();
+    if without_loginuid {
+        assert_eq!(
+            stored,
+            [&json!({"name": "read_loginuid",
+                "reason": "field struct task_struct.loginuid missing on this kernel",
+                "programs": ["shared-tracer"]})],
+            "{n}: {spec}"
+        );
+    } else {
+        assert!(stored.is_empty(), "{n}: {spec}");
+    }
 }
 
 /// Only what differs per node: the variant names in order and the globals that fell back
