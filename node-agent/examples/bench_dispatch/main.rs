@@ -35,8 +35,13 @@
 //! reported with their spread: the runs' p10-p90 and min-max, and the per-round ratio (a
 //! run over the same round's anchor run) as median and p10-p90.
 //!
+//! Loaded `--instances` times (3): each load puts the JIT'd image at another address, and
+//! where it falls on cache lines moved the direct handler alone between 8.7 and 10.1 ns a
+//! packet from one run of this benchmark to the next, unchanged. A round's sample of a
+//! configuration is the mean over its instances, so no ratio rests on one placement.
+//!
 //! Usage (root): `bench_dispatch --direct D.o --empty E.o [--libxdp X.o] [--runs N]
-//! [--repeat R] [--jited-dir DIR]`
+//! [--repeat R] [--instances K] [--jited-dir DIR]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -60,6 +65,7 @@ struct Args {
     libxdp: Option<PathBuf>,
     runs: usize,
     repeat: u32,
+    instances: usize,
     jited_dir: Option<PathBuf>,
 }
 
@@ -70,6 +76,7 @@ fn args() -> Args {
         libxdp: None,
         runs: 9,
         repeat: 1_000_000,
+        instances: 3,
         jited_dir: None,
     };
     let mut it = std::env::args().skip(1);
@@ -81,16 +88,18 @@ fn args() -> Args {
             "--libxdp" => a.libxdp = Some(value().into()),
             "--runs" => a.runs = value().parse().expect("--runs N"),
             "--repeat" => a.repeat = value().parse().expect("--repeat N"),
+            "--instances" => a.instances = value().parse().expect("--instances K"),
             "--jited-dir" => a.jited_dir = Some(value().into()),
             other => panic!("unknown argument {other}"),
         }
     }
     assert!(
         !a.direct.as_os_str().is_empty() && !a.empty.as_os_str().is_empty(),
-        "usage: bench_dispatch --direct D.o --empty E.o [--libxdp X.o] [--runs N] [--repeat R]"
+        "usage: bench_dispatch --direct D.o --empty E.o [--libxdp X.o] [--runs N] [--repeat R] [--instances K]"
     );
     assert!(a.runs >= 5, "--runs must be at least 5");
     assert!(a.repeat >= 1_000_000, "--repeat must be at least 1000000");
+    assert!(a.instances >= 1, "--instances must be at least 1");
     a
 }
 
@@ -104,32 +113,45 @@ fn pin_to_cpu0() {
     }
 }
 
-/// The configurations that load here, and why libxdp's does not (when it does not).
+/// The configurations that load here, each `instances` times (every load puts its JIT'd
+/// image at another address, and how it falls on cache lines moves one program's time by
+/// up to a tenth: several loads average that out), in instance-major order, and why
+/// libxdp's does not load (when it does not).
 fn load_subjects(args: &Args) -> (Vec<Subject>, Option<String>) {
     let direct_bytes = read(&args.direct);
     let empty_bytes = read(&args.empty);
-    let mut subjects = vec![
-        classifier("empty", &empty_bytes, 0, false),
-        classifier("direct", &direct_bytes, 1, false),
-        classifier("static", builtin("packet-classifier-xdp"), 1, false),
-        classifier("tailcall", builtin("packet-classifier-xdp"), 0, true),
-    ];
-    let libxdp_note = match &args.libxdp {
-        Some(p) if p.exists() => {
-            subjects.push(libxdp(p));
-            None
-        }
-        Some(p) => Some(format!("{} not found", p.display())),
-        None => Some("no --libxdp object given".to_owned()),
-    };
+    let mut subjects = Vec::new();
+    let mut libxdp_note = None;
+    for _ in 0..args.instances {
+        subjects.extend([
+            classifier("empty", &empty_bytes, 0, false),
+            classifier("direct", &direct_bytes, 1, false),
+            classifier("static", builtin("packet-classifier-xdp"), 1, false),
+            classifier("tailcall", builtin("packet-classifier-xdp"), 0, true),
+        ]);
+        libxdp_note = match &args.libxdp {
+            Some(p) if p.exists() => {
+                subjects.push(libxdp(p));
+                None
+            }
+            Some(p) => Some(format!("{} not found", p.display())),
+            None => Some("no --libxdp object given".to_owned()),
+        };
+    }
     (subjects, libxdp_note)
+}
+
+/// The first instance of each configuration.
+fn firsts(subjects: &[Subject]) -> Vec<&Subject> {
+    let mut seen = std::collections::BTreeSet::new();
+    subjects.iter().filter(|s| seen.insert(s.key)).collect()
 }
 
 /// Dumps every configuration's JIT'd image (and the handler the tail call jumps to).
 fn dump_all_jited(dir: &std::path::Path, subjects: &[Subject]) -> serde_json::Map<String, Value> {
     let mut jit = serde_json::Map::new();
     let syms = jited::kallsyms();
-    for s in subjects {
+    for s in firsts(subjects) {
         jit.insert(
             s.key.to_owned(),
             jited::dump_jited(dir, s.key, s.xdp(), &syms),
@@ -163,29 +185,36 @@ fn check_and_warm_up(subjects: &[Subject], frames: &Frames, repeat: u32) {
     }
 }
 
-/// Per (frame, configuration), one sample per round, in round order.
+/// Per (frame, configuration), one sample per round, in round order: the mean of that
+/// round's runs of the configuration's instances.
 #[derive(Default)]
 struct Samples {
     cpu: BTreeMap<(&'static str, &'static str), Vec<f64>>,
     kernel: BTreeMap<(&'static str, &'static str), Vec<f64>>,
 }
 
-/// `runs` rounds; in each, every frame through every configuration once, round-robin, the
-/// order rotated by one each round.
+/// `runs` rounds; in each, every frame through every instance of every configuration once,
+/// round-robin, the order rotated by one each round.
 fn measure(subjects: &[Subject], frames: &Frames, args: &Args) -> Samples {
     let mut samples = Samples::default();
     let n = subjects.len();
+    let k = args.instances as f64;
     for round_i in 0..args.runs {
         for (fname, frame) in frames {
+            let mut round: BTreeMap<&'static str, (f64, f64)> = BTreeMap::new();
             for j in 0..n {
                 let s = &subjects[(j + round_i) % n];
-                let (c, k, _) = s.run(frame, args.repeat);
-                samples.cpu.entry((fname, s.key)).or_default().push(c);
+                let (cpu, kernel, _) = s.run(frame, args.repeat);
+                let sum = round.entry(s.key).or_default();
+                (sum.0, sum.1) = (sum.0 + cpu, sum.1 + f64::from(kernel));
+            }
+            for (key, (cpu, kernel)) in round {
+                samples.cpu.entry((fname, key)).or_default().push(cpu / k);
                 samples
                     .kernel
-                    .entry((fname, s.key))
+                    .entry((fname, key))
                     .or_default()
-                    .push(f64::from(k));
+                    .push(kernel / k);
             }
         }
     }
@@ -201,14 +230,14 @@ fn rows_and_detail(
     let mut rows = Vec::new();
     let mut detail = serde_json::Map::new();
     for (fname, _) in frames {
-        let mut runs: BTreeMap<&str, Vec<f64>> = subjects
-            .iter()
+        let mut runs: BTreeMap<&str, Vec<f64>> = firsts(subjects)
+            .into_iter()
             .filter_map(|s| Some((s.key, samples.cpu.get(&(*fname, s.key))?.clone())))
             .collect();
         rows::add_libxdp_estimate(&mut runs);
         rows.extend(rows::frame_rows(fname, &runs));
-        let per: serde_json::Map<String, Value> = subjects
-            .iter()
+        let per: serde_json::Map<String, Value> = firsts(subjects)
+            .into_iter()
             .map(|s| {
                 let key = (*fname, s.key);
                 let cpu: Vec<f64> = samples.cpu[&key].iter().map(|x| round(*x, 3)).collect();
@@ -272,9 +301,13 @@ fn main() {
         "section": "dispatch",
         "runs": args.runs,
         "repeat": args.repeat,
-        "order": "round-robin: each round runs every configuration once per frame, the order rotated by one each round",
+        "instances": args.instances,
+        "order": "round-robin: each round runs every instance of every configuration once per frame, the order rotated by one each round; a round's sample of a configuration is the mean over its instances",
         "clock": "CLOCK_THREAD_CPUTIME_ID across BPF_PROG_TEST_RUN / repeat",
-        "program_ids": subjects.iter().map(|s| (s.key, s.id())).collect::<BTreeMap<_, _>>(),
+        "program_ids": subjects.iter().fold(BTreeMap::<&str, Vec<u32>>::new(), |mut m, s| {
+            m.entry(s.key).or_default().push(s.id());
+            m
+        }),
         "freplace": freplace,
         "kernel_run_stats_on": warning.is_some(),
         "jit": jit,
