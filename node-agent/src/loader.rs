@@ -27,6 +27,8 @@ mod counters;
 mod dispatch;
 mod error;
 mod mechanism;
+#[cfg(test)]
+mod netlink_tests;
 mod pins;
 mod record;
 mod report;

@@ -429,7 +429,7 @@ fn switch_link<H: SwitchableHook>(
 /// Legacy tc: the clsact qdisc (made if missing) and a direct-action cls_bpf filter.
 /// The filter is recorded by priority and handle and stays attached when the agent
 /// lets go of it; `pins::remove_dir` detaches it.
-fn attach_tc_netlink(
+pub(super) fn attach_tc_netlink(
     tc: &mut SchedClassifier,
     name: &str,
     iface: &str,
