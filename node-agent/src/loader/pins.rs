@@ -208,20 +208,14 @@ fn recorded_links(dir: &Path) -> Vec<(PathBuf, LinkRecord)> {
     links
 }
 
-/// Detaches the legacy tc filters recorded under `dir`: unpinning does not.
-fn detach_recorded_netlink(dir: &Path) -> io::Result<()> {
-    let links: Vec<LinkRecord> = recorded_links(dir).into_iter().map(|(_, l)| l).collect();
-    detach_netlink(&links).map_err(io::Error::other)
-}
-
-/// Detaches every bpf_link recorded under `dir` before its pins go, so that nothing
-/// of it runs once this returns (an unpinned link is detached later, by a kernel work
-/// item). Only for a program removed as a whole: a version being retired may pin a
+/// Detaches every bpf_link of `links` (as recorded under a directory) before its pins
+/// go, so that nothing of it runs once the removal returns (an unpinned link is detached
+/// later, by a kernel work item). Only for a program removed as a whole: a version being retired may pin a
 /// link that was updated in place and now runs its successor. Kinds the kernel cannot
 /// detach (`EOPNOTSUPP`, or `EINVAL` before Linux 5.9) are left to the unpin.
-fn detach_recorded_links(dir: &Path) -> Vec<String> {
+fn detach_links(links: &[(PathBuf, LinkRecord)]) -> Vec<String> {
     let mut errors = Vec::new();
-    for (d, link) in recorded_links(dir) {
+    for (d, link) in links {
         if link.netlink.is_some() || link.pin.is_empty() {
             continue;
         }
@@ -293,21 +287,33 @@ pub(super) fn empty_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// Removes `dir` and everything pinned under it, detaching its legacy tc filters
-/// first; a missing directory is fine.
+/// first (unpinning does not); a missing directory is fine.
 pub(super) fn remove_dir(dir: &Path) -> io::Result<()> {
-    detach_recorded_netlink(dir)?;
-    match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    remove_recorded(dir, false)
 }
 
 /// Removes a program as a whole: detaches each of its recorded links, then removes
 /// `dir` as [`remove_dir`] does. A link that would not detach is still unpinned, and
 /// the kernel detaches it shortly after; the error says which.
 pub(super) fn remove_program_dir(dir: &Path) -> io::Result<()> {
-    let errors = detach_recorded_links(dir);
-    remove_dir(dir)?;
+    remove_recorded(dir, true)
+}
+
+/// Reads the records under `dir` once, detaches the legacy tc filters (and, with
+/// `detach_fd_links`, the bpf_links) they name, and removes `dir`.
+fn remove_recorded(dir: &Path, detach_fd_links: bool) -> io::Result<()> {
+    let links = recorded_links(dir);
+    let errors = if detach_fd_links {
+        detach_links(&links)
+    } else {
+        Vec::new()
+    };
+    let records: Vec<LinkRecord> = links.into_iter().map(|(_, l)| l).collect();
+    detach_netlink(&records).map_err(io::Error::other)?;
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        other => other?,
+    }
     if errors.is_empty() {
         Ok(())
     } else {
